@@ -1,0 +1,70 @@
+"""The feature network of DESIGN.md section 2: shapes, strides, unit norms, original-checkpoint import."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dulearn.model import DenseNet, feat_dim_of, load_weights
+
+
+@pytest.fixture(scope="module")
+def net() -> DenseNet:
+    torch.manual_seed(0)
+    return DenseNet(feat_dim=32).eval()
+
+
+@pytest.mark.parametrize("size,grid", [((256, 256), (32, 32)), ((480, 854), (60, 107))])
+def test_shapes_strides_and_norms(net, size, grid):
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, *size))
+    channels = {"res3": 256, "res4": 512, "key": 32}
+    for name, c in channels.items():
+        assert out[name].shape == (1, c, *grid), name
+        norms = out[name].norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), msg=name)
+
+
+def test_output_stride_4_and_channels_last():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        s4 = DenseNet(feat_dim=16, output_stride=4).eval()(x, layers=("key",))
+        cl_net = DenseNet(feat_dim=16, channels_last=True).eval()
+        plain = DenseNet(feat_dim=16).eval()
+        plain.load_state_dict(cl_net.state_dict())
+        cl, ref = cl_net(x, layers=("key",)), plain(x, layers=("key",))
+    assert list(s4) == ["key"] and s4["key"].shape == (2, 16, 16, 24)
+    torch.testing.assert_close(cl["key"], ref["key"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="output_stride"):
+        DenseNet(output_stride=16)
+
+
+def _original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict in the original release's key layout (DDP prefix, fc and a second net included)."""
+    out = {}
+    for key, value in state.items():
+        module, rest = key.split(".", 1)
+        out[f"module.fast_net.{'backbone' if module == 'backbone' else 'emb_q'}.{rest}"] = value.clone()
+    out["module.fast_net.backbone.fc.weight"] = torch.zeros(1000, 512)
+    out["module.slow_net.backbone.conv1.weight"] = torch.zeros(1)
+    return out
+
+
+def test_import_original_checkpoint():
+    torch.manual_seed(1)
+    source = DenseNet(feat_dim=24)
+    original = _original_layout(source.state_dict())
+    assert feat_dim_of(original) == 24
+    target = DenseNet(feat_dim=24)
+    load_weights(target, original)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+    broken = dict(original)
+    broken["module.fast_net.backbone.layer9.weight"] = torch.zeros(1)
+    del broken["module.fast_net.backbone.layer1.0.conv1.weight"]
+    with pytest.raises(KeyError, match=r"backbone\.layer1\.0\.conv1\.weight.*backbone\.layer9\.weight"):
+        load_weights(DenseNet(feat_dim=24), broken)
+    with pytest.raises(ValueError, match="head.conv2.weight"):
+        load_weights(DenseNet(feat_dim=8), original)
