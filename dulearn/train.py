@@ -1,0 +1,488 @@
+"""The training loop: `accelerate launch dulearn/train.py --config configs/ytvos.yaml [key=value ...]`.
+
+Also runs as `python dulearn/train.py` (one process), under `torchrun`, and in-process
+through `train(cfg, run_dir)` (the SLURM launcher). Resumable (`--resume auto|PATH|none`),
+checkpoints on SIGTERM/SIGUSR1/SIGUSR2 or `request_checkpoint()` at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: import the package, not the sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from dulearn.checkpoint import checkpoint_dir, load_file, load_latest, save_best, save_checkpoint
+from dulearn.config import Config, ConfigError, OptimConfig, ScheduleConfig, load_config, save_config
+from dulearn.config import steps_per_epoch, validate
+from dulearn.model import DenseNet, load_weights
+from dulearn.monitor import Monitor, new_wandb_id, visualise
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_checkpoint_requested = threading.Event()
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the last good state has been checkpointed."""
+
+
+def request_checkpoint() -> None:
+    """Ask the loop to checkpoint at the next step boundary and return (thread/signal safe)."""
+    _checkpoint_requested.set()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Signal handler: only sets the flag (the loop acts at the step boundary)."""
+    request_checkpoint()
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """Route stop signals to request_checkpoint; handlers a host installed (submitit) are kept."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS
+            if signal.getsignal(sig) in (signal.SIG_DFL, None)}
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    """Put back the handlers train() replaced."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed from (seed, step, rank): the views and offsets of a step, exactly on resume."""
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of one step's theta and offsets on `device` (independent of history)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(step_seed(seed, step, rank))
+    return g
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """The original's groups: weight decay on weights (BN weights too), none on biases at 2x lr."""
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
+    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
+    return [
+        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": biases, "lr": cfg.lr * cfg.bias_lr_mult, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Adam with betas (0.5, 0.999) or SGD with momentum 0.9 (the original's settings)."""
+    groups = param_groups(model, cfg)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_factor(cfg: ScheduleConfig) -> Callable[[int], float]:
+    """Step schedule (x lr_gamma every lr_step steps) times a linear warm-up."""
+    def factor(step: int) -> float:
+        """LR multiplier of a step."""
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        decay = cfg.lr_gamma ** (step // cfg.lr_step) if cfg.lr_step > 0 else 1.0
+        return warm * decay
+    return factor
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's global RNG states (python, numpy, torch, CUDA), loadable with weights_only=True."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what _rng_state saved."""
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's `obj` on every rank (a list in rank order)."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def params_crc(model: torch.nn.Module) -> int:
+    """CRC32 of all parameter bytes: equal on every rank iff the replicas are identical."""
+    crc = 0
+    for p in model.parameters():
+        crc = zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), crc)
+    return crc
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """Accelerator: mixed precision from the config, CPU (gloo) where there is no GPU."""
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=cfg.train.cpu or not torch.cuda.is_available(),
+        log_with="wandb" if cfg.log.wandb else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],  # main-process eval
+    )
+
+
+def _resume_state(run_dir: Path, resume: str | Path | None) -> dict[str, Any] | None:
+    """The checkpoint to continue from: auto = latest usable one of the run, a path, or none."""
+    if resume is None or str(resume) == "none":
+        return None
+    if str(resume) == "auto":
+        found = load_latest(run_dir)
+        return found[0] if found else None
+    return load_file(resume)
+
+
+def _build_loader(cfg: Config, accelerator: Accelerator, start_step: int) -> Any:
+    """This rank's training stream from `start_step` (not passed through accelerator.prepare)."""
+    from dulearn.data import build_train_loader
+
+    d = cfg.data
+    lo, hi = d.short_side[0], d.short_side[-1]
+    return build_train_loader(
+        d.train, batch_size=cfg.train.batch_size // accelerator.num_processes, clip_len=d.clip_len,
+        frame_gap=d.frame_gap, short_side=(lo, hi), crop=d.crop, crop_mode=d.crop_mode, hflip=d.hflip,
+        shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=cfg.train.seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        steps_per_epoch=steps_per_epoch(cfg), start_step=start_step, weights=d.weights)
+
+
+class Trainer:
+    """One training run: model, optimiser, schedule, stream, checkpoints and monitoring."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: str | Path | None):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.accelerator = acc = make_accelerator(cfg)
+        validate(cfg, acc.num_processes)
+        self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        if acc.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        state = _resume_state(run_dir, resume)
+        torch.manual_seed(cfg.train.seed)
+        model = DenseNet(cfg.model.feat_dim, cfg.model.output_stride, cfg.model.channels_last)
+        if state is not None:
+            load_weights(model, state["model"])
+        if cfg.model.sync_bn and self.world > 1:
+            if self.device.type == "cpu":
+                raise ConfigError("config key model.sync_bn: SyncBatchNorm needs GPUs; set it to false on CPU")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule))
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.step, self.lr = 0, cfg.optim.lr
+        self.nonfinite_total = 0
+        self.best_score = -math.inf
+        self.wandb_id = new_wandb_id() if cfg.log.wandb and acc.is_main_process else None
+        if state is not None:
+            self._load_state(state)
+        self.monitor = Monitor(acc, cfg, run_dir, self.step, self.wandb_id)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Optimiser, scheduler, scaler, counters and this rank's RNG state from a checkpoint."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.best_score = float(state.get("best_score", -math.inf))
+        self.wandb_id = state.get("wandb_id") or self.wandb_id
+        if state.get("data", {}).get("world_size", self.world) != self.world:
+            warnings.warn(f"resuming a run of {state['data']['world_size']} processes on {self.world}: the data "
+                          "stream continues from the same step but not with the same clips")
+        rng = state.get("rng") or []
+        if len(rng) == self.world:
+            _set_rng_state(rng[self.rank])
+        else:
+            warnings.warn(f"checkpoint holds RNG states of {len(rng)} processes, this run has {self.world}; "
+                          "keeping fresh RNG states (views and offsets are seeded per step anyway)")
+        self.accelerator.print(f"resumed from step {self.step}")
+
+    def _state(self) -> dict[str, Any]:
+        """Everything a resume needs; RNG states of all ranks are gathered (collective)."""
+        scaler = self.accelerator.scaler
+        return {
+            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "rng": _gather_objects(_rng_state(), self.world),
+            "data": {"step": self.step, "seed": self.cfg.train.seed, "world_size": self.world},
+            "wandb_id": self.wandb_id,
+            "nonfinite_total": self.nonfinite_total,
+            "best_score": self.best_score,
+        }
+
+    def save(self) -> Path:
+        """Checkpoint the current step (all ranks call; the main process writes)."""
+        state = self._state()
+        path = checkpoint_dir(self.run_dir) / f"step_{self.step:08d}.pt"
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(self.run_dir, state, self.cfg.train.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _reduce(self, values: list[torch.Tensor | float]) -> list[float]:
+        """Sum scalars over ranks in one all-reduce (flags, counts, losses)."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).detach().reshape(())
+                         for v in values])  # [V]
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def _evaluate(self) -> dict[str, float]:
+        """DAVIS evaluation on the main process; keeps best.pt when J&F improves."""
+        from dulearn.evaluate import evaluate_davis
+
+        metrics: dict[str, float] = {}
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            model.eval()
+            summary = evaluate_davis(model, self.cfg.eval.davis_root, sequences=self.cfg.eval.sequences,
+                                     layer=self.cfg.eval.layer, device=str(self.device),
+                                     input_size=self.cfg.eval.input_size)
+            model.train()
+            metrics = {f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+            score = metrics.get("eval/J&F-Mean", -math.inf)
+            if score > self.best_score:
+                self.best_score = score
+                save_best(self.run_dir, {"model": model.state_dict(), "config": self.cfg.to_dict(),
+                                         "step": self.step, "score": score})
+        self.best_score = self._broadcast_score(self.best_score)
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _broadcast_score(self, score: float) -> float:
+        """Rank 0's best score on every rank (it is saved in every rank's view of the state)."""
+        if self.world == 1:
+            return score
+        t = torch.tensor([score], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        return float(t.item())
+
+    def run(self) -> dict[str, Any]:
+        """Train until schedule.total_steps or a checkpoint request; return how it ended."""
+        loader = iter(_build_loader(self.cfg, self.accelerator, self.step))
+        window: dict[str, float] = {}
+        consecutive, last_saved, status = 0, self.step, "finished"
+        while self.step < self.cfg.schedule.total_steps:
+            t0 = time.perf_counter()
+            batch = next(loader)
+            wait = time.perf_counter() - t0
+            frames = batch["frames"].to(self.device, non_blocking=True)  # [B,T,3,H,W] uint8
+            out, flags, grad_norm = self._train_step(frames, batch.get("skipped", 0))
+            nonfinite, stop = flags[0] > 0, flags[1] > 0
+            consecutive = consecutive + 1 if nonfinite else 0
+            self._accumulate(window, flags, nonfinite, wait, time.perf_counter() - t0, grad_norm)
+            self._log(window, frames, out, force=stop)
+            if consecutive >= self.cfg.train.max_nonfinite:
+                self._stop_nonfinite(consecutive)
+            if stop or self.step % self.cfg.train.checkpoint_every == 0:
+                self.save()
+                last_saved = self.step
+            if stop:
+                status = "checkpoint"
+                break
+        if last_saved != self.step:
+            self.save()
+        self.monitor.close()
+        path = checkpoint_dir(self.run_dir) / f"step_{self.step:08d}.pt"
+        self.accelerator.print(f"{status} at step {self.step}; checkpoint {path}")
+        return {"status": status, "step": self.step, "checkpoint": str(path), "run_dir": str(self.run_dir),
+                "nonfinite_steps": self.nonfinite_total,
+                "best_score": None if math.isinf(self.best_score) else self.best_score}
+
+    def _train_step(self, frames: torch.Tensor, skipped: int) -> tuple[dict[str, Any], list[float], float | None]:
+        """Forward, one all-reduce of flags and scalars, then update unless the loss is non-finite.
+
+        The reduced vector: [non-finite on any rank, checkpoint requested on any rank, skipped
+        samples, loss, st, cv, pseudo_entropy, anchors_used, pseudo_nearest_frac] (sums).
+        """
+        gen = step_generator(self.cfg.train.seed, self.step, self.rank, self.device)
+        out = self._forward(frames, gen)
+        flags = self._reduce([~torch.isfinite(out["loss"].detach()), float(_checkpoint_requested.is_set()),
+                              float(skipped), out["loss"], out["st"], out["cv"], out["pseudo_entropy"],
+                              out["anchors_used"], out["pseudo_nearest_frac"]])
+        grad_norm = None if flags[0] > 0 else self._update(out["loss"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        self.nonfinite_total += int(flags[0] > 0)
+        return out, flags, grad_norm
+
+    def _log(self, window: dict[str, float], frames: torch.Tensor, out: dict[str, Any], force: bool) -> None:
+        """Progress bar every step; periodic checks/images/eval; a metrics line every log.every steps."""
+        n = window["n"]
+        self.monitor.step(window.get("last_loss", math.nan), self.cfg.train.batch_size * n / window["step_time_s"])
+        extra = self._periodic(frames, out)
+        if self.step % self.cfg.log.every == 0 or self.step == self.cfg.schedule.total_steps or force or extra:
+            self.monitor.log(self.step, {**self._summary(window), **extra})
+            window.clear()
+
+    def _stop_nonfinite(self, consecutive: int) -> None:
+        """Checkpoint the last good weights (skipped steps did not touch them) and raise."""
+        path = self.save()
+        raise NonFiniteLossError(
+            f"stopping at step {self.step}: {consecutive} non-finite losses in a row "
+            f"(train.max_nonfinite={self.cfg.train.max_nonfinite}); the weights were not updated by them "
+            f"and are saved in {path}; lower optim.lr or enable optim.grad_clip")
+
+    def _forward(self, frames: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
+        """Both branches and the dense loss of one batch (core library)."""
+        from dulearn.branches import training_loss
+
+        lc = self.cfg.loss
+        return training_loss(self.model, frames, generator=gen, scale_min=lc.scale_min, grid=lc.grid,
+                             cv_grid=lc.cv_grid, tau=lc.tau, cv_weight=lc.cv_weight)
+
+    def _update(self, loss: torch.Tensor) -> float | None:
+        """Backward, optional clipping, optimiser step; returns the gradient norm when clipping."""
+        self.accelerator.backward(loss)
+        grad_norm = None
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        self.optimizer.step()
+        return grad_norm
+
+    def _accumulate(self, window: dict[str, float], flags: list[float], nonfinite: bool, wait: float,
+                    step_time: float, grad_norm: float | None) -> None:
+        """Add one step to the logging window (losses averaged over ranks and finite steps)."""
+        window["n"] = window.get("n", 0) + 1
+        window["skipped_samples"] = window.get("skipped_samples", 0) + flags[2]
+        window["data_wait_s"] = window.get("data_wait_s", 0) + wait
+        window["step_time_s"] = window.get("step_time_s", 0) + step_time
+        window["lr"] = self.lr
+        window["last_loss"] = flags[3] / self.world
+        if grad_norm is not None:
+            window["grad_norm"] = grad_norm
+        if nonfinite:
+            window["nonfinite"] = window.get("nonfinite", 0) + 1
+            return
+        window["finite"] = window.get("finite", 0) + 1
+        names = ("loss", "st", "cv", "pseudo_entropy", "anchors_used", "pseudo_nearest_frac")
+        for name, value in zip(names, flags[3:]):
+            window[name] = window.get(name, 0) + value / self.world
+
+    def _summary(self, window: dict[str, float]) -> dict[str, Any]:
+        """One metrics line from the window: means per step, sums of counts, throughput."""
+        n, finite = window["n"], window.get("finite", 0)
+        out: dict[str, Any] = {
+            name: window[name] / finite for name in ("loss", "st", "cv", "pseudo_entropy", "anchors_used",
+                                                     "pseudo_nearest_frac") if finite}
+        out.update({
+            "epoch": self.step / steps_per_epoch(self.cfg),
+            "lr": window["lr"],
+            "skipped_samples": int(window["skipped_samples"]),
+            "nonfinite_steps": int(window.get("nonfinite", 0)),
+            "nonfinite_total": self.nonfinite_total,
+            "data_wait_s": window["data_wait_s"] / n,
+            "step_time_s": window["step_time_s"] / n,
+            "data_wait_frac": window["data_wait_s"] / max(window["step_time_s"], 1e-12),
+            "clips_per_s": self.cfg.train.batch_size * n / max(window["step_time_s"], 1e-12),
+        })
+        if "grad_norm" in window:
+            out["grad_norm"] = window["grad_norm"]
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return out
+
+    def _periodic(self, frames: torch.Tensor, out: dict[str, Any]) -> dict[str, Any]:
+        """Replica check, wandb images and DAVIS evaluation when their step comes."""
+        cfg, extra = self.cfg, {}
+        every = cfg.train.check_replicas_every
+        if every > 0 and self.step % every == 0:
+            crcs = _gather_objects(params_crc(self.model), self.world)
+            if len(set(crcs)) != 1:
+                raise RuntimeError(f"replicas diverged at step {self.step}: parameter CRCs {crcs}")
+            extra["replica_crc"] = crcs
+        if cfg.log.wandb and cfg.log.image_every > 0 and self.step % cfg.log.image_every == 0:
+            model = self.accelerator.unwrap_model(self.model)
+            if self.accelerator.is_main_process:
+                self.monitor.images(self.step, visualise(model, frames, out, cfg.loss.grid))
+        if cfg.eval.davis_root is not None and self.step % cfg.eval.every == 0:
+            extra.update(self._evaluate())
+        return extra
+
+
+def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = "auto") -> dict[str, Any]:
+    """Train with `cfg` in `run_dir`; returns {"status": "finished" | "checkpoint", "step", ...}.
+
+    Uses the torch.distributed environment (RANK, WORLD_SIZE, ...) when set, so a launcher can
+    call it in-process. Stop signals are handled unless the host already installed handlers.
+    """
+    previous = _install_signal_handlers()
+    try:
+        return Trainer(cfg, Path(run_dir), resume).run()
+    finally:
+        _checkpoint_requested.clear()
+        _restore_signal_handlers(previous)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Command-line arguments of dulearn/train.py."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file (configs/*.yaml)")
+    p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
+    p.add_argument("--resume", default="auto", help="auto (latest in the run dir), PATH, or none")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.batch_size=32 optim.lr=3e-4")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: load + validate the config, then train; one-line errors, exit 2 on bad config."""
+    args = _parser().parse_args(argv)
+    run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "default"))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        train(cfg, run_dir, args.resume)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

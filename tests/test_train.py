@@ -1,0 +1,371 @@
+"""The training loop on real shards of ../shared/data/train-videos, in real processes.
+
+2 processes (gloo): loss goes down, replicas identical after every step, metrics and
+checkpoints written; exact resume after SIGKILL (1 process bitwise, 2 processes to 1e-6);
+SIGTERM -> checkpoint + exit 0; wandb offline run files hold the scalars and images;
+non-finite losses stop the run; checkpoint corruption falls back to the previous file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dulearn.checkpoint import load_latest, save_checkpoint, step_files
+from dulearn.config import load_config
+from dulearn.monitor import truncate_metrics
+from dulearn.train import NonFiniteLossError, request_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="session")
+def shard_index(train_videos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small shards (72 px short side) of the 30 training videos, built once per session."""
+    out = tmp_path_factory.mktemp("train-shards")
+    cmd = [sys.executable, "shards/build.py", "videos", str(train_videos), "--out", str(out),
+           "--short-side", "72", "--clip-len", "16", "--shard-clips", "12", "--workers", "2"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=_env())
+    return out / "index.json"
+
+
+@pytest.fixture()
+def one_thread():
+    """In-process runs use one intra-op thread, like each training process (cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env() -> dict[str, str]:
+    """Environment of a training subprocess: no inherited rank variables, one thread, wandb offline."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    return env
+
+
+def _overrides(index: Path, steps: int, batch: int, **extra: object) -> list[str]:
+    """A tiny run: 64x64 crops, 3-frame clips, a dataloader worker per rank, a line per step."""
+    base = {
+        "data.train": f"[{index}]", "data.short_side": "[64,72]", "data.crop": 64, "data.clip_len": 3,
+        "data.shuffle_buffer": 16, "data.num_workers": 1, "data.videos_per_epoch": 30,
+        "optim.lr": 1e-3, "schedule.total_steps": steps, "schedule.lr_step": 0, "train.batch_size": batch,
+        "log.every": 1, "log.progress": "false", "train.checkpoint_every": steps,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _free_port() -> int:
+    """A free TCP port for the rendezvous (other test runs may share the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(kind: str, run_dir: Path, overrides: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a training run: `python` (1 process), `accelerate` or `torchrun` (2 processes)."""
+    args = ["dulearn/train.py", "--config", "configs/cpu.yaml", "--run-dir", str(run_dir), "--resume", "auto",
+            *overrides]
+    env = dict(env or _env())
+    if kind == "python":
+        cmd = [sys.executable, *args]
+    elif kind == "accelerate":
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()), *args]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir.parent / f"{run_dir.name}.{kind}.log", "ab")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 240) -> int:
+    """Wait for a run; fail with the tail of its log if it did not exit 0."""
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if code != 0:
+        logs = "".join(p.read_text(errors="replace")[-3000:] for p in run_dir.parent.glob(f"{run_dir.name}.*.log"))
+        pytest.fail(f"training exited with {code}:\n{logs}")
+    return code
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll until `predicate()` holds while the run is alive."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the awaited point"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.05)
+
+
+def _latest_step(run_dir: Path) -> int:
+    """The step the `latest` pointer names (-1 before the first checkpoint)."""
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().strip()[5:13]) if pointer.is_file() else -1
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun puts its workers in their own sessions)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def _kill_after_checkpoint(kind: str, run_dir: Path, overrides: list[str], n: int) -> None:
+    """Start a run, SIGKILL every process of it (ranks, dataloader workers) after checkpoint n."""
+    proc = _launch(kind, run_dir, overrides)
+    _wait_for(lambda: _latest_step(run_dir) >= n, proc)
+    for pid in _descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert _latest_step(run_dir) == n, "killed too late: the run passed the next checkpoint"
+
+
+def _final_state(run_dir: Path, step: int) -> dict:
+    """The checkpoint of `step`."""
+    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)
+
+
+def _flat_tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """All tensors of a nested state (model + optimiser), by path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    out: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        out.update(_flat_tensors(v, f"{prefix}/{k}"))
+    return out
+
+
+def _compare(a: dict, b: dict, atol: float) -> None:
+    """Model and optimiser tensors equal (atol=0: bitwise)."""
+    ta = _flat_tensors({"model": a["model"], "optimizer": a["optimizer"]["state"]})
+    tb = _flat_tensors({"model": b["model"], "optimizer": b["optimizer"]["state"]})
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if atol == 0:
+            assert torch.equal(ta[k], tb[k]), f"{k} differs"
+        else:
+            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=atol, msg=f"{k} differs")
+
+
+# ------------------------------------------------------------------------------------------
+# 2 processes
+
+
+@pytest.fixture(scope="module")
+def two_process_run(shard_index: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """24 steps on 2 processes (accelerate launch, gloo), checkpoints every 8, replica check each step."""
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    overrides = _overrides(shard_index, 24, 4, **{"train.checkpoint_every": 8, "train.keep_checkpoints": 2,
+                                                  "train.check_replicas_every": 1})
+    _finish(_launch("accelerate", run_dir, overrides), run_dir)
+    return run_dir, overrides
+
+
+@pytest.mark.slow
+def test_two_processes_learn_in_sync(two_process_run: tuple[Path, list[str]]) -> None:
+    run_dir, _ = two_process_run
+    lines = _metrics(run_dir)
+    assert [m["step"] for m in lines] == list(range(1, 25))
+    for m in lines:  # both ranks hold identical weights after every step
+        assert len(m["replica_crc"]) == 2 and m["replica_crc"][0] == m["replica_crc"][1], m
+        assert {"loss", "st", "cv", "lr", "pseudo_entropy", "data_wait_s", "clips_per_s"} <= m.keys()
+    losses = [m["loss"] for m in lines]
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.2, losses
+    assert [p.name for p in step_files(run_dir)] == ["step_00000016.pt", "step_00000024.pt"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000024.pt"
+    assert load_config(run_dir / "config.yaml").train.batch_size == 4
+    state = _final_state(run_dir, 24)
+    assert len(state["rng"]) == 2 and state["step"] == 24 and state["data"]["world_size"] == 2
+    assert not any(k.startswith("module.") for k in state["model"])
+
+
+@pytest.mark.slow
+def test_two_process_resume_after_sigkill(two_process_run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    straight, overrides = two_process_run
+    run_dir = tmp_path / "run"
+    _kill_after_checkpoint("torchrun", run_dir, overrides, 8)
+    _finish(_launch("torchrun", run_dir, overrides), run_dir)
+    _compare(_final_state(straight, 24), _final_state(run_dir, 24), atol=1e-6)
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 25))
+
+
+# ------------------------------------------------------------------------------------------
+# 1 process
+
+
+@pytest.mark.slow
+def test_one_process_resume_after_sigkill_is_bitwise(shard_index: Path, tmp_path: Path) -> None:
+    overrides = _overrides(shard_index, 12, 2, **{"train.checkpoint_every": 6})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    proc = _launch("python", straight, overrides)
+    _kill_after_checkpoint("python", resumed, overrides, 6)
+    _finish(proc, straight)
+    _finish(_launch("python", resumed, overrides), resumed)
+    _compare(_final_state(straight, 12), _final_state(resumed, 12), atol=0)
+    a, b = _metrics(straight), _metrics(resumed)
+    assert [m["step"] for m in b] == list(range(1, 13))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
+def _wandb_records(run_dir: Path) -> list:
+    """Records of the offline run's .wandb file (LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block = path.read_bytes(), 7, 32768  # 7-byte file header (":W&B", magic, version)
+    records, pending = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too small for a record header
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+        if length == 0 and kind == 0:
+            break
+    return records
+
+
+def _history_value(item) -> object:
+    """The value of a wandb history item (JSON or typed field)."""
+    if item.value_json:
+        return json.loads(item.value_json)
+    return getattr(item, item.WhichOneof("value")) if item.WhichOneof("value") else None
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_wandb_offline(shard_index: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = _overrides(shard_index, 1000, 2, **{"log.wandb": "true", "log.image_every": 2,
+                                                    "train.checkpoint_every": 500})
+    env = {k: v for k, v in _env().items() if k not in ("WANDB_MODE", "NETRC")}
+    env["HOME"] = str(tmp_path)  # no API key anywhere: the run must go offline by itself
+    proc = _launch("python", run_dir, overrides, env)
+    _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(_metrics(run_dir)) >= 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 0
+    last = _metrics(run_dir)[-1]["step"]
+    assert 4 <= last < 1000 and _latest_step(run_dir) == last
+    state = _final_state(run_dir, last)
+    assert state["wandb_id"] and state["step"] == last
+
+    history = {}
+    for rec in _wandb_records(run_dir):
+        if rec.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): _history_value(i) for i in rec.history.item}
+            history[items["_step"]] = items
+    assert sorted(history) == list(range(1, last + 1))
+    assert all(isinstance(h["loss"], float) and "lr" in h for h in history.values())
+    names = ("images/anchors", "images/pseudo_labels", "images/assignment")
+    logged = {s: {k.rsplit("/", 1)[0] for k in h if k.startswith("images/")} for s, h in history.items()}
+    assert [s for s in logged if logged[s]] == list(range(2, last + 1, 2))
+    assert all(logged[s] == set(names) for s in range(2, last + 1, 2))
+    pngs = sorted(run_dir.glob("wandb/offline-run-*/files/media/images/**/*.png"))
+    assert len(pngs) == 3 * (last // 2)
+    image = np.asarray(Image.open(pngs[0]))
+    assert image.shape[:2] == (64, 64) and image.std() > 10
+    assert state["wandb_id"] in next(run_dir.glob("wandb/offline-run-*")).name
+
+    # the resumed run continues the same wandb run (same id) and the same metrics file
+    overrides = _overrides(shard_index, last + 1, 2, **{"log.wandb": "true", "train.checkpoint_every": 500})
+    _finish(_launch("python", run_dir, overrides, env), run_dir)
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, last + 2))
+    runs = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{state['wandb_id']}") for r in runs)
+
+
+@pytest.mark.slow
+def test_request_checkpoint_in_process(shard_index: Path, tmp_path: Path, one_thread: None) -> None:
+    cfg = load_config(ROOT / "configs/cpu.yaml", _overrides(shard_index, 1000, 2, **{"data.num_workers": 0}))
+    timer = threading.Timer(3.0, request_checkpoint)
+    timer.start()
+    result = train(cfg, tmp_path / "run")
+    timer.join()
+    assert result["status"] == "checkpoint" and 0 < result["step"] < 1000
+    assert _latest_step(tmp_path / "run") == result["step"]
+
+
+@pytest.mark.slow
+def test_periodic_davis_eval_keeps_best(shard_index: Path, davis_mini: Path, tmp_path: Path, one_thread: None) -> None:
+    cfg = load_config(ROOT / "configs/cpu.yaml", _overrides(
+        shard_index, 4, 2, **{"data.num_workers": 0, "eval.davis_root": davis_mini, "eval.every": 3,
+                              "eval.sequences": "[car-shadow]", "eval.input_size": 64}))
+    result = train(cfg, tmp_path / "run")
+    evals = [m for m in _metrics(tmp_path / "run") if "eval/J&F-Mean" in m]
+    assert [m["step"] for m in evals] == [3] and 0 < evals[0]["eval/J&F-Mean"] <= 1
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["step"] == 3 and best["score"] == evals[0]["eval/J&F-Mean"] == result["best_score"]
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_stop_the_run(shard_index: Path, tmp_path: Path, one_thread: None) -> None:
+    cfg = load_config(ROOT / "configs/cpu.yaml", _overrides(
+        shard_index, 50, 2, **{"data.num_workers": 0, "optim.name": "sgd", "optim.lr": 1e30,
+                               "train.max_nonfinite": 3}))
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        train(cfg, tmp_path / "run")
+    lines = _metrics(tmp_path / "run")
+    assert lines[-1]["nonfinite_total"] == 3 and lines[-1]["step"] == _latest_step(tmp_path / "run")
+
+
+def test_corrupt_checkpoint_falls_back(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, {"model": {}, "config": {}, "step": step}, keep=2)
+    assert [p.name for p in step_files(tmp_path)] == ["step_00000002.pt", "step_00000003.pt"]
+    newest = tmp_path / "checkpoints" / "step_00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a partial write
+    with pytest.warns(UserWarning, match="corrupt or partial"):
+        state, path = load_latest(tmp_path)
+    assert state["step"] == 2 and path.name == "step_00000002.pt"
+    shutil.rmtree(tmp_path / "checkpoints")
+    assert load_latest(tmp_path) is None
+
+
+def test_resume_drops_later_and_torn_metrics_lines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "loss": 3.0}\n{"step": 4, "lo')
+    truncate_metrics(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
