@@ -8,13 +8,14 @@ temporary name, fsynced and renamed, so a reader sees either the old or the new 
 from __future__ import annotations
 
 import io
-import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dulearn.fileio import atomic_write_bytes
 
 REQUIRED_KEYS = ("model", "config", "step")
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -23,26 +24,6 @@ _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 def checkpoint_dir(run_dir: str | Path) -> Path:
     """Where a run keeps its checkpoints."""
     return Path(run_dir) / "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from tqdm import tqdm
 
-from dulearn.checkpoint import atomic_write_bytes
+from dulearn.fileio import atomic_write_bytes
 from dulearn.config import Config
 
 

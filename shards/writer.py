@@ -16,6 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from dulearn.fileio import atomic_write_bytes, fsync_dir
 from shards.decode import as_chw, encode_frame, resize_short
 from shards.plan import BuildParams, PlannedVideo, ShardPlan, clip_bounds, num_selected
 
@@ -108,30 +109,13 @@ def write_shard(plan: ShardPlan, out: Path, params: BuildParams) -> dict:
         os.fsync(f.fileno())
     summary = {"name": plan.name, "clips": totals["clips"], "frames": totals["frames"],
                "videos": totals["videos"], "bytes": tmp.stat().st_size, "skipped": skipped}
-    _atomic_write(out / PARTS_DIR / f"{plan.name}.json", json.dumps(summary, sort_keys=True).encode())
+    atomic_write_bytes(out / PARTS_DIR / f"{plan.name}.json", json.dumps(summary, sort_keys=True).encode(),
+                       ".part")
     os.replace(tmp, out / plan.name)
-    _fsync_dir(out)
+    fsync_dir(out)
     return {**summary, "decoded": totals["decoded"], "seconds": time.perf_counter() - start}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_json(path: Path, obj) -> None:
     """Write json via temp file + fsync + rename (index.json, build state)."""
-    _atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), ".part")

@@ -1,0 +1,32 @@
+"""Durable file writes: temporary file, fsync, rename, fsync of the folder.
+
+Checkpoints, metrics, shards and index files go through here so that a crash leaves either
+the old file or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, tmp_suffix: str | None = None) -> None:
+    """Write `data` to `path` through `.<name><tmp_suffix>` (default `.tmp.<pid>`), fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{tmp_suffix or f'.tmp.{os.getpid()}'}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
