@@ -1,0 +1,347 @@
+"""Semi-supervised VOS evaluation: features -> label propagation -> masks -> J&F (DESIGN.md 5, 6).
+
+CLI (`python -m dulearn.evaluate --help`): a checkpoint (dulearn's own or the original
+release's `.pth`; none = random init), DAVIS-2017 (`--davis ROOT`) or YouTube-VOS
+(`--ytvos ROOT`, valid layout with meta.json). Writes palette PNGs in the official layout
+(`OUT/Annotations/<seq>/<frame>.png`; YouTube-VOS: only the frames meta.json lists, plus
+`OUT/Annotations.zip`), a per-object CSV, `summary.json`, one overlay video per sequence,
+and prints a table. `evaluate_davis(model, root, ...)` is the in-process entry for
+periodic evaluation from the training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dulearn import davis, metrics
+from dulearn.model import LAYERS, DenseNet, feat_dim_of, load_weights
+from dulearn.propagate import propagate
+from dulearn.views import normalize
+
+
+@dataclass
+class Video:
+    """One sequence to segment: its frames, annotations by frame index, what to score and write."""
+
+    name: str
+    frames: list[Path]
+    annotations: dict[int, Path]  # frame index -> id PNG (frame 0, then YouTube-VOS first appearances)
+    ground_truth: list[Path] | None = None  # every frame's mask (DAVIS), for scoring
+    write: set[str] | None = None  # frame names (stems) to write; None = all
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def davis_videos(root: str | Path, sequences: Sequence[str] | None = None, split: str = "val", resolution: str = "480p") -> list[Video]:
+    """DAVIS-2017 sequences (the split's or the given ones); the first frame's mask is the input."""
+    videos = []
+    for name in sequences or davis.list_sequences(root, split, resolution):
+        frames = davis.sequence_frames(root, name, resolution)
+        masks = davis.sequence_masks(root, name, resolution)
+        first = [m for m in masks if m.stem == frames[0].stem]
+        if not first:
+            raise FileNotFoundError(f"sequence {name!r}: no mask for its first frame {frames[0].name} in {Path(root) / 'Annotations' / resolution / name}")
+        gt = masks if [m.stem for m in masks] == [f.stem for f in frames] else None
+        videos.append(Video(name, frames, {0: first[0]}, ground_truth=gt))
+    return videos
+
+
+def ytvos_videos(root: str | Path, videos: Sequence[str] | None = None) -> list[Video]:
+    """YouTube-VOS videos of meta.json: every annotation starts its new objects; write meta's frames."""
+    meta = davis.load_meta(root)
+    out = []
+    for name in videos or sorted(meta):
+        if name not in meta:
+            raise KeyError(f"video {name!r} is not in {Path(root) / 'meta.json'}")
+        frames = davis.ytvos_frames(root, name)
+        index = {f.stem: i for i, f in enumerate(frames)}
+        annotations = {}
+        for m in davis.ytvos_masks(root, name):
+            if m.stem not in index:
+                raise FileNotFoundError(f"video {name!r}: annotation {m} has no frame {m.stem} in {frames[0].parent}")
+            annotations[index[m.stem]] = m
+        if 0 not in annotations:
+            raise FileNotFoundError(f"video {name!r}: no annotation for its first frame {frames[0].name}")
+        write = {f for obj_frames in meta[name].values() for f in obj_frames}
+        out.append(Video(name, frames, annotations, write=write))
+    return out
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+def _load_frames(video: Video) -> np.ndarray:
+    """All frames of a video -> uint8 [T,H,W,3]; a clear error if sizes differ."""
+    frames = [davis.load_frame(p) for p in video.frames]
+    for p, f in zip(video.frames, frames):
+        if f.shape != frames[0].shape:
+            raise ValueError(f"video {video.name!r}: frame {p} has size {f.shape[:2]}, the first frame {frames[0].shape[:2]}")
+    return np.stack(frames)
+
+
+def _load_annotations(video: Video, size: tuple[int, int], device: torch.device) -> dict[int, torch.Tensor]:
+    """Annotation PNGs -> ids [H,W] by frame index; a clear error if a mask's size differs from the frames'."""
+    out = {}
+    for t, path in video.annotations.items():
+        mask = davis.load_mask(path)
+        if mask.shape != size:
+            raise ValueError(f"video {video.name!r}: mask {path} has size {mask.shape}, its frames {size}")
+        out[t] = torch.from_numpy(mask).to(device)
+    return out
+
+
+@torch.no_grad()
+def extract_features(model: DenseNet, frames: np.ndarray, *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, bar: tqdm | None = None) -> torch.Tensor:
+    """uint8 frames [T,H,W,3] -> L2-normalised features [T,K,h,w] of `layer`, in batches of frames.
+
+    input_size > 0 resizes so that the short side has that many pixels (the original's
+    `scale_smallest`, bilinear with align_corners=True); 0 keeps the stored resolution.
+    """
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    feats = []
+    for i in range(0, len(frames), batch_frames):
+        x = torch.from_numpy(frames[i : i + batch_frames]).to(device).permute(0, 3, 1, 2)  # [B,3,H,W]
+        x = normalize(x)
+        if input_size > 0:
+            h, w = x.shape[-2:]
+            s = input_size / min(h, w)
+            x = F.interpolate(x, (int(s * h), int(s * w)), mode="bilinear", align_corners=True)
+        feats.append(model(x, layers=(layer,))[layer])  # [B,K,h,w]
+        if bar is not None:
+            bar.update(len(x))
+    return torch.cat(feats)
+
+
+def segment(model: DenseNet, video: Video, *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, progress: bool = False, **prop_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one video -> (frames uint8 [T,H,W,3], predicted ids uint8 [T,H,W])."""
+    device = torch.device(device)
+    frames = _load_frames(video)
+    masks = _load_annotations(video, frames.shape[1:3], device)
+    with tqdm(total=len(frames), desc=video.name, unit="frame", disable=not progress, leave=False) as bar:
+        feats = extract_features(model, frames, layer=layer, device=device, input_size=input_size, batch_frames=batch_frames, bar=bar)
+        bar.set_postfix_str("propagating")
+        later = {t: m for t, m in masks.items() if t > 0}
+        pred = propagate(feats, masks[0], later_masks=later, **prop_kwargs)
+    return frames, pred.cpu().numpy()
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def overlay(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Blend the palette colours of the ids over the frames: uint8 [T,H,W,3]."""
+    colours = np.asarray(davis.DAVIS_PALETTE, dtype=np.float32).reshape(-1, 3)[masks]  # [T,H,W,3]
+    alpha = np.where(masks[..., None] > 0, 0.55, 0.0).astype(np.float32)
+    return (frames * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 12) -> Path:
+    """uint8 frames [T,H,W,3] -> an H.264 mp4 (PyAV; even size) or, for a .gif path, a GIF."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return path
+    import av
+
+    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def write_masks(out_dir: Path, video: Video, pred: np.ndarray) -> list[Path]:
+    """Palette PNGs `<out_dir>/Annotations/<video>/<frame>.png` (only `video.write` if set)."""
+    written = []
+    for path, mask in zip(video.frames, pred):
+        if video.write is None or path.stem in video.write:
+            target = out_dir / "Annotations" / video.name / f"{path.stem}.png"
+            davis.save_mask(target, mask)
+            written.append(target)
+    return written
+
+
+def write_zip(out_dir: Path) -> Path:
+    """`<out_dir>/Annotations.zip` holding `Annotations/<video>/<frame>.png` (the YouTube-VOS upload)."""
+    target = out_dir / "Annotations.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+        for png in sorted((out_dir / "Annotations").rglob("*.png")):
+            zf.write(png, png.relative_to(out_dir).as_posix())
+    return target
+
+
+# ---------------------------------------------------------------- runs
+
+
+def run(model: DenseNet, videos: Sequence[Video], *, out_dir: str | Path | None = None, video_format: str | None = "mp4", layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, progress: bool = False, **prop_kwargs) -> tuple[metrics.Scores, dict[str, float]]:
+    """Segment, write and score videos; returns the per-object scores and the timing/summary dict."""
+    was_training = model.training
+    model.eval()
+    out = Path(out_dir) if out_dir is not None else None
+    scores, n_frames, busy = metrics.Scores(), 0, 0.0
+    start = time.perf_counter()
+    try:
+        for video in videos:
+            t0 = time.perf_counter()
+            frames, pred = segment(model, video, layer=layer, device=device, input_size=input_size, batch_frames=batch_frames, progress=progress, **prop_kwargs)
+            busy += time.perf_counter() - t0
+            n_frames += len(frames)
+            if video.ground_truth is not None:
+                gt = metrics.load_ids(video.ground_truth)
+                scores.add(video.name, *metrics.score_sequence(gt, torch.from_numpy(pred), name=video.name))
+            if out is not None:
+                write_masks(out, video, pred)
+                if video_format:
+                    write_video(out / "videos" / f"{video.name}.{video_format}", overlay(frames, pred))
+    finally:
+        model.train(was_training)
+    wall = time.perf_counter() - start
+    timing = {"frames": n_frames, "seconds": wall, "frames/s": n_frames / wall, "segment frames/s": n_frames / max(busy, 1e-9)}
+    return scores, timing
+
+
+def _summary(scores: metrics.Scores, timing: Mapping[str, float], videos: Sequence[Video]) -> dict:
+    """Dataset means (when ground truth was available) plus timing and the sequence names."""
+    summary = dict(scores.summary()) if scores.rows else {}
+    return {**summary, **timing, "sequences": [v.name for v in videos], "per_object": scores.rows}
+
+
+def evaluate_davis(
+    model: DenseNet,
+    root: str | Path,
+    *,
+    sequences: Sequence[str] | None = None,
+    layer: str = "res4",
+    device: torch.device | str = "cpu",
+    out_dir: str | Path | None = None,
+    split: str = "val",
+    resolution: str = "480p",
+    input_size: int = 0,
+    batch_frames: int = 8,
+    video_format: str | None = None,
+    progress: bool = False,
+    **prop_kwargs,
+) -> dict:
+    """Evaluate a model on DAVIS-2017 -> summary dict (J&F-Mean, J-Mean, F-Mean, recall, decay, frames/s).
+
+    With `out_dir`, also writes the PNGs, `per-object.csv`, `summary.json` (and videos if
+    `video_format`). The model's train/eval mode is restored afterwards.
+    """
+    videos = davis_videos(root, sequences, split, resolution)
+    scores, timing = run(model, videos, out_dir=out_dir, video_format=video_format, layer=layer, device=device, input_size=input_size, batch_frames=batch_frames, progress=progress, **prop_kwargs)
+    summary = _summary(scores, timing, videos)
+    if out_dir is not None:
+        _write_reports(Path(out_dir), scores, summary)
+    return summary
+
+
+def evaluate_ytvos(model: DenseNet, root: str | Path, out_dir: str | Path, *, videos: Sequence[str] | None = None, video_format: str | None = None, **kwargs) -> dict:
+    """Segment a YouTube-VOS valid set into `out_dir` and zip `Annotations/` for the server."""
+    vids = ytvos_videos(root, videos)
+    scores, timing = run(model, vids, out_dir=out_dir, video_format=video_format, **kwargs)
+    summary = _summary(scores, timing, vids)
+    summary["zip"] = str(write_zip(Path(out_dir)))
+    _write_reports(Path(out_dir), scores, summary)
+    return summary
+
+
+def _write_reports(out: Path, scores: metrics.Scores, summary: Mapping) -> None:
+    """`summary.json` and, when anything was scored, `per-object.csv`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if scores.rows:
+        scores.write_csv(out / "per-object.csv")
+
+
+# ---------------------------------------------------------------- model and CLI
+
+
+def build_model(checkpoint: str | Path | None = None, *, seed: int = 0, device: torch.device | str = "cpu") -> DenseNet:
+    """A DenseNet from a dulearn or original-release checkpoint, or randomly initialised with `seed`."""
+    if checkpoint is None:
+        torch.manual_seed(seed)
+        return DenseNet().to(device).eval()
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
+        state, config = ckpt["model"], ckpt.get("config") or {}
+    elif isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state, config = ckpt, {}
+    else:
+        keys = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise KeyError(f"checkpoint {path} has no 'model' state dict (found {keys})")
+    model_cfg = config.get("model", {}) if isinstance(config, Mapping) else {}
+    feat_dim = model_cfg.get("feat_dim") or feat_dim_of(state) or 128
+    model = DenseNet(feat_dim=int(feat_dim), output_stride=int(model_cfg.get("output_stride", 8)))
+    load_weights(model, state)
+    return model.to(device).eval()
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dulearn.evaluate", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="dulearn checkpoint (dict with 'model', 'config') or original-release .pth; none = random init")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random init without --checkpoint")
+    data = ap.add_mutually_exclusive_group(required=True)
+    data.add_argument("--davis", default=None, help="DAVIS-2017 root (JPEGImages/, Annotations/, ImageSets/)")
+    data.add_argument("--ytvos", default=None, help="YouTube-VOS valid root (JPEGImages/, Annotations/, meta.json)")
+    ap.add_argument("--split", default="val", help="DAVIS ImageSets/2017/<split>.txt")
+    ap.add_argument("--sequences", default=None, help="comma-separated sequences/videos instead of the split")
+    ap.add_argument("--resolution", default="480p", help="DAVIS resolution folder")
+    ap.add_argument("--input-size", type=int, default=0, help="resize frames to this short side before the network (0 = as stored)")
+    ap.add_argument("--layer", default="res4", choices=LAYERS)
+    ap.add_argument("--context", type=int, default=20, help="previous frames in the context")
+    ap.add_argument("--radius", type=float, default=12, help="spatial radius (feature cells) on the previous frames")
+    ap.add_argument("--temperature", type=float, default=0.05)
+    ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--batch-frames", type=int, default=8, help="frames per network forward pass")
+    ap.add_argument("--video", default="mp4", choices=("mp4", "gif", "none"), help="overlay video per sequence")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: evaluate a checkpoint on DAVIS or YouTube-VOS, print the table and write the outputs."""
+    args = _parser().parse_args(argv)
+    model = build_model(args.checkpoint, seed=args.seed, device=args.device)
+    seqs = args.sequences.split(",") if args.sequences else None
+    kwargs = dict(
+        layer=args.layer, device=args.device, input_size=args.input_size, batch_frames=args.batch_frames,
+        video_format=None if args.video == "none" else args.video, progress=not args.no_progress,
+        context=args.context, radius=args.radius, temperature=args.temperature, topk=args.topk,
+    )
+    if args.davis:
+        summary = evaluate_davis(model, args.davis, sequences=seqs, split=args.split, resolution=args.resolution, out_dir=args.out, **kwargs)
+        if summary["per_object"]:
+            print(metrics.Scores(summary["per_object"]).table())
+    else:
+        summary = evaluate_ytvos(model, args.ytvos, args.out, videos=seqs, **kwargs)
+    print(f"{summary['frames']} frames in {summary['seconds']:.1f} s ({summary['frames/s']:.2f} frames/s); outputs in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
