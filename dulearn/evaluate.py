@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dulearn import davis, metrics
+from dulearn.checkpoint import load_latest
 from dulearn.model import LAYERS, DenseNet, feat_dim_of, load_weights
 from dulearn.propagate import propagate
 from dulearn.views import normalize
@@ -276,15 +280,33 @@ def _write_reports(out: Path, scores: metrics.Scores, summary: Mapping) -> None:
 # ---------------------------------------------------------------- model and CLI
 
 
+def _load_checkpoint_file(path: Path) -> Any:
+    """A checkpoint file's contents; a run directory gives its latest usable checkpoint.
+
+    Tensors-only loading first; an original-release file that pickles other Python objects
+    is loaded in full after a warning (only load files you trust).
+    """
+    if path.is_dir():
+        found = load_latest(path)
+        if found is None:
+            raise FileNotFoundError(f"no usable checkpoint in run directory {path}")
+        return found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        warnings.warn(f"{path} holds more than tensors; loading it with weights_only=False")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def build_model(checkpoint: str | Path | None = None, *, seed: int = 0, device: torch.device | str = "cpu") -> DenseNet:
     """A DenseNet from a dulearn or original-release checkpoint, or randomly initialised with `seed`."""
     if checkpoint is None:
         torch.manual_seed(seed)
         return DenseNet().to(device).eval()
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = _load_checkpoint_file(path)
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
         state, config = ckpt["model"], ckpt.get("config") or {}
     elif isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -301,7 +323,7 @@ def build_model(checkpoint: str | Path | None = None, *, seed: int = 0, device: 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m dulearn.evaluate", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="dulearn checkpoint (dict with 'model', 'config') or original-release .pth; none = random init")
+    ap.add_argument("--checkpoint", default=None, help="dulearn checkpoint (dict with 'model', 'config'), a run directory (its latest checkpoint) or an original-release .pth; none = random init")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random init without --checkpoint")
     data = ap.add_mutually_exclusive_group(required=True)
     data.add_argument("--davis", default=None, help="DAVIS-2017 root (JPEGImages/, Annotations/, ImageSets/)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from dulearn import davis, evaluate, metrics
+from dulearn.checkpoint import save_checkpoint
 from dulearn.model import DenseNet
 
 SMALL = ["--input-size", "64", "--no-progress", "--device", "cpu"]  # 8x15 feature grid: fast on CPU
@@ -148,8 +150,11 @@ def test_checkpoints_dulearn_and_original_layouts(tmp_path):
     torch.save({"model": src.state_dict(), "config": {"model": {"feat_dim": 64, "output_stride": 8}}, "step": 5}, ours)
     original = tmp_path / "original.pth"
     renamed = {("fast_net.backbone." + k[len("backbone."):]) if k.startswith("backbone.") else "fast_net.emb_q." + k[len("head."):]: v for k, v in src.state_dict().items()}
-    torch.save({"model": {"module." + k: v for k, v in renamed.items()}}, original)
-    for path in (ours, original):
+    torch.save({"model": {"module." + k: v for k, v in renamed.items()}, "args": argparse.Namespace(lr=1e-4)},
+               original)  # the original release pickles more than tensors
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir, {"model": src.state_dict(), "config": {"model": {"feat_dim": 64}}, "step": 7}, keep=2)
+    for path in (ours, original, run_dir):
         model = evaluate.build_model(path)
         assert model.feat_dim == 64 and not model.training
         for k, v in src.state_dict().items():
