@@ -155,9 +155,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for data, run and results")
     p.add_argument("--shared", type=Path, default=default_shared(), help="the shared data folder (--data real)")
     p.add_argument("--steps", type=int, default=300, help="training steps (the LR halves at half of them)")
-    p.add_argument("--minutes", type=float, default=8.0, help="stop training after this long (0 = no limit)")
+    p.add_argument("--minutes", type=float, default=20.0, help="stop training after this long (0 = no limit)")
     p.add_argument("--batch-size", type=int, default=4, help="clips per step")
-    p.add_argument("--crop", type=int, default=64, help="training crop side (pixels)")
+    p.add_argument("--crop", type=int, default=128,
+                   help="training crop side (pixels); below 128 the network stays under its random init for longer")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--videos", type=int, default=32, help="synthetic training videos")

@@ -2,8 +2,8 @@
 
 Textured objects (ellipses, boxes, polygons, stars, blobs, crescents with noise, stripe,
 checker and gradient textures) move, rotate, scale and wobble non-rigidly over a textured
-world canvas; a camera pans and zooms over it. Objects occlude each other in depth order and
-may leave the view. Every pixel an object's colour lands on is that object's id in the mask,
+world canvas; a camera pans and zooms over it, and the illumination drifts in brightness and
+colour. Objects occlude each other in depth order and may leave the view. Every pixel an object's colour lands on is that object's id in the mask,
 so the masks are exact. One `numpy.random.Generator` per video draws every parameter in a
 fixed order: the same seed gives the same bytes.
 
@@ -49,6 +49,7 @@ class Scene:
     sprites: np.ndarray  # [K,4,S,S] RGB + alpha of each object in its local frame [-1,1]^2
     pose: np.ndarray  # [K,T,5] centre x, y (canvas px), angle (rad), half-extents sx, sy
     wobble: np.ndarray  # [K,4] amplitude, spatial frequency, temporal frequency, phase
+    light: np.ndarray  # [T,3] per-frame RGB gain: illumination that drifts in brightness and colour
 
     @property
     def frames(self) -> int:
@@ -220,7 +221,14 @@ def sample_scene(rng: np.random.Generator, *, frames: int = 48, size: tuple[int,
     pose = _poses(rng, t, camera, size, k)
     wobble = np.stack([rng.uniform(0, 0.08, k), rng.uniform(2, 6, k), rng.uniform(0.1, 0.4, k),
                        rng.uniform(0, 2 * np.pi, k)], 1).astype(np.float32)
-    return Scene(size, background, camera, sprites, pose, wobble)
+    return Scene(size, background, camera, sprites, pose, wobble, _light(rng, t))
+
+
+def _light(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """Per-frame RGB gain [T,3]: a slow brightness swing times a slower colour-cast swing."""
+    brightness = rng.uniform(0.1, 0.35) * np.sin(rng.uniform(0.05, 0.2) * t + rng.uniform(0, 6.3))  # [T]
+    cast = rng.uniform(0, 0.2, 3) * np.sin(rng.uniform(0.03, 0.12, 3) * t[:, None] + rng.uniform(0, 6.3, 3))  # [T,3]
+    return np.exp(brightness[:, None] + cast).astype(np.float32)
 
 
 def _background(rng: np.random.Generator, canvas: tuple[int, int], sprite_size: int) -> np.ndarray:
@@ -309,6 +317,7 @@ def render(scene: Scene) -> Video:
     for k, (sil, colours) in enumerate(_layers(scene, world)):
         frame = torch.where(sil[:, None], colours, frame)
         mask[sil] = k + 1
+    frame = frame * torch.from_numpy(scene.light)[:, :, None, None]
     rgb = (frame.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)  # [T,H,W,3]
     return Video(np.ascontiguousarray(rgb.numpy()), mask.numpy())
 
@@ -336,7 +345,8 @@ def make_video(seed: int, index: int = 0, *, frames: int = 48, size: tuple[int, 
 
 def _first_frame(scene: Scene) -> Scene:
     """The scene cut to its first frame (a cheap visibility check)."""
-    return Scene(scene.size, scene.background, scene.camera[:1], scene.sprites, scene.pose[:, :1], scene.wobble)
+    return Scene(scene.size, scene.background, scene.camera[:1], scene.sprites, scene.pose[:, :1], scene.wobble,
+                 scene.light[:1])
 
 
 def videos(seed: int, count: int, **kwargs) -> Iterator[tuple[str, Video]]:

@@ -35,7 +35,7 @@ def test_same_seed_same_bytes_other_seed_other_video():
 
 
 def test_masks_are_exactly_the_object_pixels(scenes):
-    """With flat colours (one code per object, black background) frame colour == code[mask]."""
+    """With flat colours (one code per object, black background) frame colour == code[mask] x light[t]."""
     codes = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], np.float32)
     for scene in scenes[:4]:
         k = len(scene.sprites)
@@ -43,7 +43,8 @@ def test_masks_are_exactly_the_object_pixels(scenes):
         sprites[:, :3] = codes[1 : k + 1, :, None, None]
         flat = dataclasses.replace(scene, sprites=sprites, background=np.zeros_like(scene.background))
         video = synthetic.render(flat)
-        np.testing.assert_array_equal(video.frames, (codes[video.masks] * 255).astype(np.uint8))
+        lit = np.clip(codes[video.masks] * scene.light[:, None, None, :], 0, 1)  # [T,H,W,3] the drifting light
+        np.testing.assert_array_equal(video.frames, (lit * 255 + 0.5).astype(np.uint8))
         # and the textured rendering carries the same masks
         assert np.array_equal(synthetic.render(scene).masks, video.masks)
 
