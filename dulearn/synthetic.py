@@ -3,8 +3,8 @@
 Textured objects (ellipses, boxes, polygons, stars, blobs, crescents with noise, stripe,
 checker and gradient textures) move, rotate, scale and wobble non-rigidly over a textured
 world canvas; a camera pans and zooms over it, and the illumination drifts in brightness and
-colour. Objects occlude each other in depth order and may leave the view. Every pixel an object's colour lands on is that object's id in the mask,
-so the masks are exact. One `numpy.random.Generator` per video draws every parameter in a
+colour. Objects occlude each other in depth order and may leave the view. Every pixel an
+object's colour lands on is that object's id in the mask, so the masks are exact. One `numpy.random.Generator` per video draws every parameter in a
 fixed order: the same seed gives the same bytes.
 
 Rendering is one `grid_sample` per layer over all frames at once (torch, CPU):
