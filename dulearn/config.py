@@ -89,7 +89,7 @@ class TrainConfig:
 
     batch_size: int = 16  # global: clips per step over all processes
     seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "no"  # no | bf16 | fp16 | auto (bf16 where the hardware runs it natively)
     cpu: bool = False  # force CPU even where a GPU exists
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
@@ -142,7 +142,7 @@ class Config:
 CHOICES = {
     "data.crop_mode": ("random", "center"),
     "optim.name": ("adam", "sgd"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("no", "bf16", "fp16", "auto"),
     "model.output_stride": (4, 8),
     "eval.layer": ("res3", "res4", "key"),
 }

@@ -93,6 +93,7 @@ def make_config(a: argparse.Namespace, index: Path, device: str) -> Config:
         f"data.videos_per_epoch={videos}", f"loss.grid={min(8, a.crop // 16)}", f"loss.cv_grid={min(4, a.crop // 32)}",
         f"optim.lr={a.lr}", f"schedule.total_steps={a.steps}", f"schedule.lr_step={max(1, a.steps // 2)}",
         f"train.batch_size={a.batch_size}", f"train.seed={a.seed}", f"train.cpu={str(device == 'cpu').lower()}",
+        f"train.mixed_precision={a.precision}", "model.channels_last=true",
         f"train.checkpoint_every={a.steps}", "train.keep_checkpoints=1", f"log.every={max(1, a.steps // 20)}",
         "log.image_every=0", "log.wandb=false",
     ])
@@ -154,12 +155,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for data, run and results")
     p.add_argument("--shared", type=Path, default=default_shared(), help="the shared data folder (--data real)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (the LR halves at half of them)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (the LR halves at half of them)")
     p.add_argument("--minutes", type=float, default=20.0, help="stop training after this long (0 = no limit)")
     p.add_argument("--batch-size", type=int, default=4, help="clips per step")
     p.add_argument("--crop", type=int, default=128,
                    help="training crop side (pixels); below 128 the network stays under its random init for longer")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--precision", choices=("auto", "no", "bf16"), default="auto",
+                   help="bf16 autocast (about 2x on CPUs with AVX512-BF16); auto = bf16 where native, else fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--videos", type=int, default=32, help="synthetic training videos")
     p.add_argument("--frames", type=int, default=32, help="frames per synthetic training video")

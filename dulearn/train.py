@@ -144,15 +144,32 @@ def params_crc(model: torch.nn.Module) -> int:
     """CRC32 of all parameter bytes: equal on every rank iff the replicas are identical."""
     crc = 0
     for p in model.parameters():
-        crc = zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), crc)
+        flat = p.detach().cpu().reshape(-1)  # [N], logical order: channels_last weights included
+        crc = zlib.crc32(flat.view(torch.uint8).numpy().tobytes(), crc)
     return crc
+
+
+def native_bf16(cpu: bool) -> bool:
+    """Whether bf16 runs in hardware: a CUDA GPU with bf16 units, or a CPU with AVX512-BF16 or AMX."""
+    if not cpu:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(setting: str, cpu: bool) -> str:
+    """train.mixed_precision with `auto` made concrete: bf16 where it is native, else no (fp32)."""
+    if setting != "auto":
+        return setting
+    return "bf16" if native_bf16(cpu) else "no"
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """Accelerator: mixed precision from the config, CPU (gloo) where there is no GPU."""
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
     return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        cpu=cfg.train.cpu or not torch.cuda.is_available(),
+        mixed_precision=resolve_precision(cfg.train.mixed_precision, cpu),
+        cpu=cpu,
         log_with="wandb" if cfg.log.wandb else None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],  # main-process eval
     )
@@ -212,6 +229,8 @@ class Trainer:
         if state is not None:
             self._load_state(state)
         self.monitor = Monitor(acc, cfg, run_dir, self.step, self.wandb_id)
+        acc.print(f"{self.world} process(es) on {self.device.type}, mixed precision {acc.mixed_precision}"
+                  f" (train.mixed_precision={cfg.train.mixed_precision})")
 
     def _load_state(self, state: dict[str, Any]) -> None:
         """Optimiser, scheduler, scaler, counters and this rank's RNG state from a checkpoint."""

@@ -92,7 +92,7 @@ def test_wrong_type_in_yaml(tmp_path: Path) -> None:
 
 def test_bad_choice(shard: Path) -> None:
     assert _error(None, [f"data.train={shard}", "train.mixed_precision=fp8"]) == \
-        "config key train.mixed_precision: must be one of no, bf16, fp16, got 'fp8'"
+        "config key train.mixed_precision: must be one of no, bf16, fp16, auto, got 'fp8'"
 
 
 def test_batch_not_divisible_by_processes(shard: Path) -> None:

@@ -369,3 +369,28 @@ def test_resume_drops_later_and_torn_metrics_lines(tmp_path: Path) -> None:
     path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "loss": 3.0}\n{"step": 4, "lo')
     truncate_metrics(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dulearn.train import resolve_precision
+
+    for avx512_bf16, amx, want in ((False, False, "no"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto", cpu=True) == want
+        assert [resolve_precision(p, cpu=True) for p in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+
+
+def test_replica_checksum_reads_channels_last_weights_in_logical_order() -> None:
+    from dulearn.model import DenseNet
+    from dulearn.train import params_crc
+
+    torch.manual_seed(0)
+    plain = DenseNet(feat_dim=16)
+    torch.manual_seed(0)
+    cl = DenseNet(feat_dim=16, channels_last=True)  # 1x1 convs: stride(-1) != 1 in channels_last
+    assert params_crc(cl) == params_crc(plain)
+    with torch.no_grad():
+        weight = next(cl.parameters())
+        weight[(0,) * weight.dim()] += 1e-3
+    assert params_crc(cl) != params_crc(plain)
