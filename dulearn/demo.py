@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
                    help="training crop side (pixels); below 128 the network stays under its random init for longer")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
     p.add_argument("--precision", choices=("auto", "no", "bf16"), default="auto",
-                   help="bf16 autocast (about 2x on CPUs with AVX512-BF16); auto = bf16 where native, else fp32")
+                   help="bf16 autocast (2x on CPUs with AVX512-BF16, 4x with AMX); auto = bf16 where native, else fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--videos", type=int, default=32, help="synthetic training videos")
     p.add_argument("--frames", type=int, default=32, help="frames per synthetic training video")
