@@ -6,8 +6,10 @@ the old file or the new one, never a partial one.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,3 +32,8 @@ def atomic_write_bytes(path: Path, data: bytes, tmp_suffix: str | None = None) -
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any, tmp_suffix: str | None = None) -> None:
+    """Write `obj` as indented json with sorted keys and a final newline, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), tmp_suffix)
