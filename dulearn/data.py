@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import warnings
 import itertools
-import json
 import math
 import os
 import random
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +49,14 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as TF
-from webdataset.gopen import gopen
+
+from dulearn.shard_format import (INDEX_NAME, count_samples, is_remote, iter_samples, read_index, sample_frames,
+                                  shard_url)
 
 # torchvision's JPEG codec (libjpeg-turbo) is the fast path here; silence its per-call notice.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
-__all__ = ["build_train_loader", "TrainStream", "iter_samples", "count_samples", "resolve_source", "sample_frame_ids"]
+__all__ = ["build_train_loader", "TrainStream", "resolve_source", "sample_frame_ids"]
 
 _UNLOADED = object()
 
@@ -72,24 +72,16 @@ class Shard:
     count: int | None = None
 
 
-def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
-
-
 def _index_shards(path: Path) -> list[Shard]:
     """The shards listed by an index.json, relative names resolved against its folder."""
-    index = json.loads(path.read_text())
-    if "shards" not in index:
-        raise KeyError(f"{path}: no 'shards' list (not a shard index.json)")
-    return [Shard(s["name"] if _is_remote(s["name"]) else str(path.parent / s["name"]), s["clips"])
-            for s in index["shards"]]
+    return [Shard(shard_url(path, s.name), s.clips) for s in read_index(path).shards]
 
 
 def _counts_beside(urls: list[str]) -> dict[str, int]:
     """Clip counts from index.json files next to local shards, when there are any."""
     counts: dict[str, int] = {}
-    for folder in {str(Path(u).parent) for u in urls if not _is_remote(u)}:
-        index = Path(folder) / "index.json"
+    for folder in {str(Path(u).parent) for u in urls if not is_remote(u)}:
+        index = Path(folder) / INDEX_NAME
         if index.exists():
             counts.update({s.url: s.count for s in _index_shards(index)})
     return counts
@@ -101,56 +93,15 @@ def resolve_source(source: str | os.PathLike | Sequence[str]) -> list[Shard]:
         source = os.fspath(source)
     if not isinstance(source, str):
         return [s for item in source for s in resolve_source(item)]
-    if source.endswith(".json") and not _is_remote(source):
+    if source.endswith(".json") and not is_remote(source):
         return _index_shards(Path(source))
     urls = list(braceexpand(source))
     counts = _counts_beside(urls)
     shards = [Shard(u, counts.get(u)) for u in urls]
-    missing = [s.url for s in shards if not _is_remote(s.url) and not Path(s.url).exists()]
+    missing = [s.url for s in shards if not is_remote(s.url) and not Path(s.url).exists()]
     if missing:
         raise FileNotFoundError(f"shard not found: {missing[0]}")
     return shards
-
-
-def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of each sample of a tar shard, in order; stops at a broken tail."""
-    stream = gopen(url, "rb")
-    key, sample = None, {}
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key and key is not None:
-                    yield key, sample
-                    sample = {}
-                key = k
-                sample[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError):
-        pass  # a truncated or corrupt shard: its remaining samples count as missing
-    finally:
-        _close_quietly(stream)
-    if key is not None:
-        yield key, sample
-
-
-def _close_quietly(stream) -> None:
-    """Close a shard stream; a pipe closed early exits with SIGPIPE, which is expected."""
-    try:
-        stream.close()
-    except Exception:  # noqa: BLE001 (exit status of an abandoned pipe)
-        pass
-
-
-def count_samples(url: str) -> int:
-    """Clips in a shard: local files by seeking over tar headers, others by reading."""
-    if not _is_remote(url):
-        with tarfile.open(url, "r:") as tar:
-            return len({m.name.rpartition("/")[2].partition(".")[0] for m in tar.getmembers() if m.isfile()})
-    return sum(1 for _ in iter_samples(url))
 
 
 # ----------------------------------------------------------------------------- clips
@@ -195,17 +146,11 @@ class _Augment:
 
 def _prepare(name: str, sample: dict[str, bytes] | None, rng: random.Random, aug: _Augment) -> _Clip | None:
     """Choose the clip's frames and keep only their JPEG bytes (None if unusable)."""
-    if sample is None:
+    frames = None if sample is None else sample_frames(sample)
+    if frames is None:
         return None
-    frames = sorted(k for k in sample if k.endswith(".jpg"))
-    try:
-        n = json.loads(sample["json"])["num_frames"] if "json" in sample else len(frames)
-    except (ValueError, KeyError, TypeError):
-        return None
-    if n != len(frames):  # a frame is missing
-        return None
-    ids = sample_frame_ids(n, aug.clip_len, aug.frame_gap, rng)
-    return None if ids is None else _Clip(rng, [sample[frames[i]] for i in ids], name)
+    ids = sample_frame_ids(len(frames), aug.clip_len, aug.frame_gap, rng)
+    return None if ids is None else _Clip(rng, [frames[i] for i in ids], name)
 
 
 def _resized_size(h: int, w: int, short: int) -> tuple[int, int]:

@@ -15,7 +15,8 @@ import torch
 from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from dulearn.data import build_train_loader, iter_samples, sample_frame_ids
+from dulearn.data import build_train_loader, sample_frame_ids
+from dulearn.shard_format import iter_samples
 from shards.build import main as build_main
 
 SHORT = 80

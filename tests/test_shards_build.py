@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dulearn.data import iter_samples
+from dulearn.shard_format import iter_samples
 from shards.build import main as build_main
 from shards.verify import verify
 

@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dulearn.data import build_train_loader, iter_samples, sample_frame_ids  # noqa: E402
+from dulearn.data import build_train_loader, sample_frame_ids  # noqa: E402
+from dulearn.shard_format import iter_samples  # noqa: E402
 from shards.build import main as build_main  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
