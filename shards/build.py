@@ -27,13 +27,14 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 
 from tqdm import tqdm
 
+from dulearn.fileio import atomic_write_json
+from dulearn.shard_format import INDEX_NAME, ShardEntry, ShardIndex, skipped_input, write_index
 from shards import decode
 from shards.plan import BuildParams, PlannedVideo, ShardPlan, assign_shards, too_short_reason
 from shards.sources import VideoInput, filter_by_list, get_source, source_names
-from shards.writer import PARTS_DIR, atomic_write_json, write_shard
+from shards.writer import PARTS_DIR, write_shard
 
 DEFAULT_PLUGINS = ("dulearn.synthetic",)
-INDEX_FORMAT = "dulearn-shards/1"
 
 
 def parse_size(text: str) -> int:
@@ -103,7 +104,7 @@ def plan_build(videos: list[VideoInput], params: BuildParams, pool) -> tuple[lis
     for v, r in zip(videos, tqdm(results, total=len(videos), desc="probe", unit="video", leave=False)):
         reason = r if isinstance(r, str) else too_short_reason(r[0], params)
         if reason:
-            skipped.append({"input": v.path or v.video_id, "video_id": v.video_id, "reason": reason, "clips_kept": 0})
+            skipped.append(skipped_input(v.path or v.video_id, v.video_id, reason))
         else:
             planned.append(PlannedVideo(len(planned), v, r[0], r[1]))
     return assign_shards(planned, params), skipped
@@ -122,7 +123,7 @@ def _check_resume(out: Path, digest: str) -> None:
         if old != digest:
             raise SystemExit(f"error: {out} holds shards of a different build (inputs or options changed); "
                              "use a new --out or delete it")
-    atomic_write_json(state, {"plan": digest})
+    atomic_write_json(state, {"plan": digest}, ".part")
     for stale in out.glob(".*.part"):
         stale.unlink()
 
@@ -136,8 +137,8 @@ def _write_task(task: tuple[ShardPlan, Path, BuildParams]) -> dict:
     return write_shard(*task)
 
 
-def build(args: argparse.Namespace) -> dict:
-    """Run a build from parsed CLI arguments; returns index.json's content."""
+def build(args: argparse.Namespace) -> ShardIndex:
+    """Run a build from parsed CLI arguments; returns what it wrote to index.json."""
     source = get_source(args.source)
     root = args.root.resolve()
     params = BuildParams(dataset=args.source, prefix=args.prefix or args.source, short_side=args.short_side,
@@ -172,28 +173,24 @@ def build(args: argparse.Namespace) -> dict:
             pool.close()
             pool.join()
     index = make_index(root, params, [done[s.name] for s in shards], skipped)
-    atomic_write_json(args.out / "index.json", index)
+    write_index(args.out / INDEX_NAME, index)
     print_summary(index, decoded, time.perf_counter() - start, args.workers, len(todo), len(shards))
     return index
 
 
-def make_index(root: Path, params: BuildParams, parts: list[dict], skipped: list[dict]) -> dict:
-    keys = ("name", "clips", "frames", "videos", "bytes")
-    shards = [{k: p[k] for k in keys} for p in parts]
-    skipped = skipped + [s for p in parts for s in p["skipped"]]
-    totals = {k: sum(s[k] for s in shards) for k in keys[1:]}
-    totals.update(shards=len(shards), skipped=len(skipped))
-    return {"format": INDEX_FORMAT, "source": params.dataset, "root": str(root), "params": params.as_dict(),
-            "shards": shards, "totals": totals, "skipped": skipped}
+def make_index(root: Path, params: BuildParams, parts: list[dict], skipped: list[dict]) -> ShardIndex:
+    """The index of a build from its shard summaries, in shard order, and the inputs skipped while planning."""
+    return ShardIndex([ShardEntry.from_dict(p) for p in parts], params.dataset, str(root), params.as_dict(),
+                      skipped + [s for p in parts for s in p["skipped"]])
 
 
-def print_summary(index: dict, decoded: int, seconds: float, workers: int, written: int, planned: int) -> None:
-    t = index["totals"]
+def print_summary(index: ShardIndex, decoded: int, seconds: float, workers: int, written: int, planned: int) -> None:
+    t = index.totals()
     rate = decoded / max(seconds, 1e-9)
     print(f"shards: {planned} ({written} written, {planned - written} already complete); videos: {t['videos']}; "
           f"clips: {t['clips']}; frames: {t['frames']}; bytes: {t['bytes'] / 1e6:.1f} MB; skipped inputs: "
           f"{t['skipped']}; {seconds:.1f} s, {rate:.0f} frames/s decoded ({rate / max(workers, 1):.0f} per worker)")
-    for s in index["skipped"]:
+    for s in index.skipped:
         print(f"  skipped {s['input']}: {s['reason']}")
 
 

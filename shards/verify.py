@@ -3,50 +3,49 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from dulearn.data import iter_samples
+from dulearn.shard_format import (INDEX_NAME, ShardEntry, ShardFormatError, check_sample, frame_exts, iter_samples,
+                                  read_index)
 from shards.decode import BadInput, decode_image_bytes
 
 
-def check_shard(path: Path, expected: dict, decode: bool) -> list[str]:
+def check_shard(path: Path, expected: ShardEntry, decode: bool) -> list[str]:
     """Problems found in one shard (empty if it matches its index entry)."""
     if not path.exists():
         return [f"{path.name}: missing"]
     problems, clips, frames = [], 0, 0
     for key, sample in iter_samples(str(path)):
         clips += 1
-        jpgs = sorted(k for k in sample if k.endswith(".jpg"))
         try:
-            meta = json.loads(sample["json"])
-            n = meta["num_frames"]
-        except (KeyError, ValueError) as e:
-            problems.append(f"{path.name}: {key}: bad or missing json ({type(e).__name__})")
-            continue
-        if n != len(jpgs):
-            problems.append(f"{path.name}: {key}: json says {n} frames, found {len(jpgs)}")
+            check_sample(sample)
+        except ShardFormatError as e:
+            problems.append(f"{path.name}: {key}: {e}")
+        jpgs = frame_exts(sample)
         frames += len(jpgs)
         for k in jpgs if decode else []:
             try:
                 decode_image_bytes(sample[k], f"{key}.{k}")
             except BadInput as e:
                 problems.append(f"{path.name}: {e}")
-    if clips != expected["clips"] or frames != expected["frames"]:
+    if clips != expected.clips or frames != expected.frames:
         problems.append(f"{path.name}: {clips} clips / {frames} frames, index.json says "
-                        f"{expected['clips']} / {expected['frames']} (truncated or corrupt shard)")
+                        f"{expected.clips} / {expected.frames} (truncated or corrupt shard)")
     return problems
 
 
 def verify(out: Path, decode: bool = False) -> list[str]:
     """All problems of a shard folder; an empty list means every shard is complete and sound."""
-    index_path = out / "index.json"
+    index_path = out / INDEX_NAME
     if not index_path.exists():
         return [f"{index_path}: missing (build not finished?)"]
-    index = json.loads(index_path.read_text())
+    try:
+        index = read_index(index_path)
+    except ShardFormatError as e:
+        return [str(e)]
     problems = []
-    for entry in index["shards"]:
-        problems += check_shard(out / entry["name"], entry, decode)
+    for entry in index.shards:
+        problems += check_shard(out / entry.name, entry, decode)
     return problems
 
 
@@ -58,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     problems = verify(args.out, args.decode)
     for line in problems:
         print(line)
-    index = args.out / "index.json"
-    n = len(json.loads(index.read_text())["shards"]) if index.exists() else 0
+    try:
+        n = len(read_index(args.out / INDEX_NAME).shards)
+    except (OSError, ShardFormatError):
+        n = 0
     print(f"verify {args.out}: {n} shards, {len(problems)} problems" + ("" if problems else ": OK"))
     return 1 if problems else 0

@@ -1,15 +1,12 @@
 """Writes one planned shard: decode its videos, cut clips, JPEG-encode, tar deterministically.
 
-Sample layout (webdataset): key ``v<video:08d>_c<clip:04d>`` (no dots), members
-``<key>.json`` (metadata, first) and ``<key>.<i:04d>.jpg`` for the clip's frames in order.
-Tar headers carry fixed mtime/uid/gid/mode, so equal inputs give equal bytes. A shard is
-written to ``.<name>.part``, fsynced, its summary saved to ``.parts/<name>.json`` and then
-renamed to its final name: a shard file that exists is complete.
+The sample layout and the clip json are dulearn.shard_format's. A shard is written to
+``.<name>.part``, fsynced, its summary saved to ``.parts/<name>.json`` and then renamed to
+its final name: a shard file that exists is complete.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -17,39 +14,19 @@ import time
 from pathlib import Path
 
 from dulearn.fileio import atomic_write_bytes, fsync_dir
+from dulearn.shard_format import ClipMeta, open_shard_writer, sample_key, skipped_input, write_sample
 from shards.decode import as_chw, encode_frame, resize_short
 from shards.plan import BuildParams, PlannedVideo, ShardPlan, clip_bounds, num_selected
 
 PARTS_DIR = ".parts"
 
 
-def clip_key(video_index: int, clip: int) -> str:
-    return f"v{video_index:08d}_c{clip:04d}"
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _clip_json(v: PlannedVideo, params: BuildParams, clip: int, indices: list[int],
-               orig: tuple[int, int], size: tuple[int, int]) -> bytes:
-    meta = {"video_id": v.video.video_id, "dataset": params.dataset, "clip": clip,
-            "num_frames": len(indices), "frame_indices": indices, "fps": v.fps,
-            "orig_size": list(orig), "size": list(size), **v.video.meta}
-    return json.dumps(meta, sort_keys=True).encode()
-
-
-def _write_clip(tar, v, params, clip, frames: list[tuple[int, bytes]], orig, size) -> None:
-    key = clip_key(v.index, clip)
-    _add_member(tar, f"{key}.json", _clip_json(v, params, clip, [i for i, _ in frames], orig, size))
-    for pos, (_, jpg) in enumerate(frames):
-        _add_member(tar, f"{key}.{pos:04d}.jpg", jpg)
+def _write_clip(tar: tarfile.TarFile, v: PlannedVideo, params: BuildParams, clip: int,
+                frames: list[tuple[int, bytes]], orig: tuple[int, int], size: tuple[int, int]) -> None:
+    """One clip of ``v``: (source frame index, JPEG) pairs, source size ``orig``, stored ``size``."""
+    meta = ClipMeta(v.video.video_id, params.dataset, clip, tuple(i for i, _ in frames), v.fps, orig, size,
+                    v.video.meta)
+    write_sample(tar, sample_key(v.index, clip), meta, [jpg for _, jpg in frames])
 
 
 def write_video(tar: tarfile.TarFile, v: PlannedVideo, params: BuildParams) -> dict:
@@ -96,15 +73,15 @@ def write_shard(plan: ShardPlan, out: Path, params: BuildParams) -> dict:
     totals = {"clips": 0, "frames": 0, "decoded": 0, "videos": 0}
     skipped = []
     with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with open_shard_writer(f) as tar:
             for v in plan.videos:
                 r = write_video(tar, v, params)
                 for k in ("clips", "frames", "decoded"):
                     totals[k] += r[k]
                 totals["videos"] += r["clips"] > 0
                 if r["reason"]:
-                    skipped.append({"input": v.video.path or v.video.video_id, "video_id": v.video.video_id,
-                                    "reason": r["reason"], "clips_kept": r["clips"]})
+                    skipped.append(skipped_input(v.video.path or v.video.video_id, v.video.video_id, r["reason"],
+                                                 r["clips"]))
         f.flush()
         os.fsync(f.fileno())
     summary = {"name": plan.name, "clips": totals["clips"], "frames": totals["frames"],
@@ -115,7 +92,3 @@ def write_shard(plan: ShardPlan, out: Path, params: BuildParams) -> dict:
     fsync_dir(out)
     return {**summary, "decoded": totals["decoded"], "seconds": time.perf_counter() - start}
 
-
-def atomic_write_json(path: Path, obj) -> None:
-    """Write json via temp file + fsync + rename (index.json, build state)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), ".part")
