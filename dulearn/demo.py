@@ -17,6 +17,8 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ from dulearn import synthetic
 from dulearn.config import Config, load_config
 from dulearn.evaluate import evaluate_davis
 from dulearn.model import DenseNet, load_weights
+from dulearn.shard_format import INDEX_NAME
 from dulearn.train import request_checkpoint, train
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out sequences: a seed far from any training seed
@@ -39,14 +42,16 @@ def default_shared() -> Path:
 
 
 def build_shards(source: str, root: str | Path, out: Path, *, short_side: int, clip_len: int, workers: int) -> Path:
-    """Run shards/build.py once (a finished build is reused); returns index.json."""
-    from shards import build
+    """Run the shard builder once (a finished build is reused); returns index.json.
 
-    index = out / "index.json"
+    It runs as its own process (``python -m shards.build``): the builder uses dulearn, and
+    dulearn never imports it.
+    """
+    index = out / INDEX_NAME
     if not index.is_file():
         argv = [source, str(root), "--out", str(out), "--short-side", str(short_side),
                 "--clip-len", str(clip_len), "--min-clip-len", str(clip_len), "--workers", str(workers)]
-        if build.main(argv) != 0:
+        if subprocess.run([sys.executable, "-m", "shards.build", *argv]).returncode != 0:
             raise RuntimeError(f"shard build failed: python shards/build.py {' '.join(argv)}")
     return index
 

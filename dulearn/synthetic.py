@@ -14,10 +14,9 @@ CLI:
     python -m dulearn.synthetic davis OUT --sequences N --frames F --size HxW --seed S
     python -m dulearn.synthetic videos OUT --videos N --frames F --size HxW --seed S
     python -m dulearn.synthetic preview OUT.png --seed S
-    python shards/build.py synthetic seed=0,videos=64,frames=48,size=256x256 --out DIR
 
-As a shard source, ROOT is not a folder but a spec `key=value,...` (keys seed, videos,
-frames, size, objects; the rest keep their defaults; `default` means all defaults).
+The shard builder packs these videos too (its `synthetic` source, in shards/sources.py):
+    python shards/build.py synthetic seed=0,videos=64,frames=48,size=256x256 --out DIR
 """
 
 from __future__ import annotations
@@ -26,14 +25,11 @@ import argparse
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from shards.sources import VideoInput, register_source
 
 SHAPES = ("ellipse", "box", "polygon", "star", "blob", "crescent")
 TEXTURES = ("noise", "stripes", "checker", "gradient")
@@ -349,50 +345,20 @@ def _first_frame(scene: Scene) -> Scene:
                  scene.light[:1])
 
 
+def video_name(seed: int, index: int) -> str:
+    """The name of video `index` of dataset `seed`: `synth-<seed>-<index:04d>`."""
+    return f"synth-{seed}-{index:04d}"
+
+
 def videos(seed: int, count: int, **kwargs) -> Iterator[tuple[str, Video]]:
-    """(name, video) for videos 0..count-1 of dataset `seed`; names are `synth-<seed>-<index>`."""
+    """(name, video) for videos 0..count-1 of dataset `seed` (names from video_name)."""
     for i in range(count):
-        yield f"synth-{seed}-{i:04d}", make_video(seed, i, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------
-# Shard source
-
-SOURCE_DEFAULTS = {"seed": "0", "videos": "64", "frames": "48", "size": "256x256", "objects": "2-4"}
-
-
-def parse_spec(spec: str | Path) -> dict:
-    """Parse a source spec `seed=0,videos=64,frames=48,size=256x256,objects=2-4` (any subset, or `default`).
-
-    Only the last path component counts: the shard builder hands ROOT over as a resolved path.
-    """
-    spec = Path(spec).name
-    raw = dict(SOURCE_DEFAULTS)
-    for item in filter(None, (part.strip() for part in ("" if spec == "default" else spec).split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in SOURCE_DEFAULTS:
-            raise ValueError(f"synthetic source spec: bad item {item!r}; expected key=value with key in {sorted(SOURCE_DEFAULTS)}")
-        raw[key] = value
-    try:
-        return {"seed": int(raw["seed"]), "videos": int(raw["videos"]), "frames": int(raw["frames"]),
-                "size": parse_hw(raw["size"]), "objects": _objects(raw["objects"])}
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        raise ValueError(f"synthetic source spec {spec!r}: {e}") from None
+        yield video_name(seed, i), make_video(seed, i, **kwargs)
 
 
 def read_frames(seed: int, index: int, frames: int, size: tuple[int, int], objects: tuple[int, int]) -> Iterator[np.ndarray]:
-    """The frames [H,W,3] uint8 of one synthetic video (a picklable reader for the shard builder)."""
+    """The frames [H,W,3] uint8 of one video (picklable with functools.partial: the shard builder's reader)."""
     yield from make_video(seed, index, frames=frames, size=size, objects=objects).frames
-
-
-@register_source("synthetic")
-def source(root: Path) -> Iterator[VideoInput]:
-    """Shard source `synthetic`: ROOT is a spec string (see the module docstring), not a folder."""
-    spec = parse_spec(root)
-    for i in range(spec["videos"]):
-        read = partial(read_frames, spec["seed"], i, spec["frames"], spec["size"], spec["objects"])
-        yield VideoInput(f"synth-{spec['seed']}-{i:04d}", read, num_frames=spec["frames"], fps=24.0,
-                         meta={"synthetic": {**spec, "index": i}})
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,7 +440,7 @@ def parse_hw(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _objects(text: str) -> tuple[int, int]:
+def parse_objects(text: str) -> tuple[int, int]:
     """Parse N or MIN-MAX."""
     lo, _, hi = text.partition("-")
     try:
@@ -494,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--frames", type=int, default=48)
         s.add_argument("--size", type=parse_hw, default=(256, 256), help="HxW")
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--objects", type=_objects, default=(2, 4), help="N or MIN-MAX objects per video")
+        s.add_argument("--objects", type=parse_objects, default=(2, 4), help="N or MIN-MAX objects per video")
         if name != "preview":
             s.add_argument("--sequences", "--videos", dest="count", type=int, default=8)
         else:

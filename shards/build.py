@@ -3,10 +3,11 @@
     python shards/build.py SOURCE ROOT --out DIR [options]     # build
     python shards/build.py verify DIR [--decode]                # check shards vs index.json
 
-SOURCE is a registered layout (kinetics, trackingnet, ytvos, oxuva, videos, frames, and
-any added with ``shards.sources.register_source``). Output: ``DIR/<prefix>-%06d.tar`` and
-``DIR/index.json``. Same inputs and options give the same bytes for any --workers; a
-re-run after an interruption keeps complete shards and redoes the rest.
+SOURCE is a registered layout (kinetics, trackingnet, ytvos, oxuva, videos, frames,
+synthetic, and any added with ``shards.sources.register_source``). Output:
+``DIR/<prefix>-%06d.tar`` and ``DIR/index.json`` (dulearn.shard_format). Same inputs and
+options give the same bytes for any --workers; a re-run after an interruption keeps
+complete shards and redoes the rest.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from shards import decode
 from shards.plan import BuildParams, PlannedVideo, ShardPlan, assign_shards, too_short_reason
 from shards.sources import VideoInput, filter_by_list, get_source, source_names
 from shards.writer import PARTS_DIR, write_shard
-
-DEFAULT_PLUGINS = ("dulearn.synthetic",)
 
 
 def parse_size(text: str) -> int:
@@ -68,13 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_plugins(names: list[str]) -> None:
-    """Import modules that register extra sources (the default ones only if they exist)."""
-    for name in [*DEFAULT_PLUGINS, *names]:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if name not in DEFAULT_PLUGINS or e.name != name:
-                raise
+    """Import the modules that register extra sources (``--plugin``)."""
+    for name in names:
+        importlib.import_module(name)
 
 
 def _probe(v: VideoInput) -> tuple[int, float | None] | str:

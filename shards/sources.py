@@ -1,14 +1,14 @@
 """Source registry: how each dataset layout on disk turns into a list of input videos.
 
-Registering a new source takes one function in any module (imported before the build runs,
-e.g. ``shards/build.py`` imports ``dulearn.synthetic`` if it exists)::
+Registering a new source takes one function in any module (``shards/build.py --plugin
+MODULE`` imports it before the build runs)::
 
     from shards.sources import VideoInput, register_source
 
-    @register_source("synthetic")
-    def synthetic(root: Path) -> Iterator[VideoInput]:
+    @register_source("mine")
+    def mine(root: Path) -> Iterator[VideoInput]:
         for i in range(8):
-            yield VideoInput(video_id=f"synth{i}", read=partial(make_frames, i), num_frames=40, fps=24.0)
+            yield VideoInput(video_id=f"mine{i}", read=partial(make_frames, i), num_frames=40, fps=24.0)
 
 ``read`` must be picklable (a module-level function, or ``functools.partial`` of one),
 because it runs in a worker process; it yields RGB frames as uint8 tensors [3,H,W] (or
@@ -16,10 +16,12 @@ numpy [H,W,3]) at any resolution (the builder resizes) and raises any exception 
 input (the video is then skipped and listed with the message). ``num_frames`` and ``fps``
 may be left None: the builder then calls ``probe`` (or counts by reading) in a worker.
 Videos are built in the order the function yields them, so yield them in a stable order.
+``meta`` goes into every clip's json beside its own fields (dulearn.shard_format.ClipMeta).
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from dulearn.shard_format import check_extras
+from dulearn.synthetic import parse_hw, parse_objects, read_frames, video_name
 from shards.decode import IMAGE_EXTS, VIDEO_EXTS, decode_image_bytes, probe_video, read_video
 
 __all__ = ["VideoInput", "register_source", "get_source", "source_names", "filter_by_list"]
@@ -43,6 +47,9 @@ class VideoInput:
     probe: Callable[[], tuple[int, float | None]] | None = None
     path: str = ""
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_extras(self.meta)  # a source bug: fail when listing, not in a worker
 
 
 SourceFn = Callable[[Path], Iterable[VideoInput]]
@@ -219,3 +226,35 @@ def oxuva(root: Path) -> Iterator[VideoInput]:
         for d in _subdirs(split):
             yield frame_folder(d, images, video_id=f"{split.name}/{d.name}", fps=30.0)
 
+
+
+SYNTHETIC_DEFAULTS = {"seed": "0", "videos": "64", "frames": "48", "size": "256x256", "objects": "2-4"}
+
+
+def parse_synthetic_spec(spec: str | Path) -> dict:
+    """Parse a spec `seed=0,videos=64,frames=48,size=256x256,objects=2-4` (any subset, or `default`).
+
+    Only the last path component counts: the builder hands ROOT over as a resolved path.
+    """
+    spec = Path(spec).name
+    raw = dict(SYNTHETIC_DEFAULTS)
+    for item in filter(None, (part.strip() for part in ("" if spec == "default" else spec).split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in SYNTHETIC_DEFAULTS:
+            raise ValueError(f"synthetic source spec: bad item {item!r}; expected key=value with key in {sorted(SYNTHETIC_DEFAULTS)}")
+        raw[key] = value
+    try:
+        return {"seed": int(raw["seed"]), "videos": int(raw["videos"]), "frames": int(raw["frames"]),
+                "size": parse_hw(raw["size"]), "objects": parse_objects(raw["objects"])}
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"synthetic source spec {spec!r}: {e}") from None
+
+
+@register_source("synthetic")
+def synthetic(root: Path) -> Iterator[VideoInput]:
+    """dulearn.synthetic's procedural videos; ROOT is a spec (parse_synthetic_spec), not a folder."""
+    spec = parse_synthetic_spec(root)
+    for i in range(spec["videos"]):
+        read = partial(read_frames, spec["seed"], i, spec["frames"], spec["size"], spec["objects"])
+        yield VideoInput(video_name(spec["seed"], i), read, num_frames=spec["frames"], fps=24.0,
+                         meta={"synthetic": {**spec, "index": i}})

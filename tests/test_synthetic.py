@@ -129,6 +129,7 @@ def test_shard_source_builds_clips_of_the_generated_videos(tmp_path):
     from PIL import Image
 
     from shards import build
+    from shards.sources import synthetic as synthetic_source
 
     out = tmp_path / "shards"
     spec = "seed=4,videos=3,frames=16,size=48x64,objects=2"
@@ -144,4 +145,4 @@ def test_shard_source_builds_clips_of_the_generated_videos(tmp_path):
     got = np.array(Image.open(io.BytesIO(members["v00000001_c0001.0002.jpg"])).convert("RGB"), np.float32)
     assert got.shape == expected.shape and np.abs(got - expected).mean() < 6
     with pytest.raises(ValueError, match="bad item 'vidoes=3'"):
-        list(synthetic.source(tmp_path / "vidoes=3"))
+        list(synthetic_source(tmp_path / "vidoes=3"))
