@@ -227,7 +227,6 @@ def oxuva(root: Path) -> Iterator[VideoInput]:
             yield frame_folder(d, images, video_id=f"{split.name}/{d.name}", fps=30.0)
 
 
-
 SYNTHETIC_DEFAULTS = {"seed": "0", "videos": "64", "frames": "48", "size": "256x256", "objects": "2-4"}
 
 
@@ -241,7 +240,8 @@ def parse_synthetic_spec(spec: str | Path) -> dict:
     for item in filter(None, (part.strip() for part in ("" if spec == "default" else spec).split(","))):
         key, sep, value = item.partition("=")
         if not sep or key not in SYNTHETIC_DEFAULTS:
-            raise ValueError(f"synthetic source spec: bad item {item!r}; expected key=value with key in {sorted(SYNTHETIC_DEFAULTS)}")
+            raise ValueError(f"synthetic source spec: bad item {item!r}; expected key=value with key in "
+                             f"{sorted(SYNTHETIC_DEFAULTS)}")
         raw[key] = value
     try:
         return {"seed": int(raw["seed"]), "videos": int(raw["videos"]), "frames": int(raw["frames"]),
