@@ -1,4 +1,4 @@
-"""Each dataset layout, as a small fake tree made from real frames and videos, builds correctly."""
+"""Each dataset layout, as a small tree of synthetic JPEG frames and H.264 videos, builds correctly."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ from PIL import Image
 
 from dulearn.data import iter_samples
 from shards.build import main as build_main
+from synthetic_data import frame_count
 
 N = 12  # frames per fake frame-folder video
 BUILD = ["--short-side", "64", "--clip-len", str(N), "--min-clip-len", "5", "--workers", "1"]
 
 
 @pytest.fixture(scope="module")
-def real_frames(davis_mini) -> dict[str, list[Path]]:
-    root = davis_mini / "JPEGImages" / "480p"
-    return {name: sorted((root / name).glob("*.jpg"))[:N] for name in ("dog", "libby")}
+def real_frames(frame_folders) -> dict[str, list[Path]]:
+    """The first N frames of two videos, under the names of the fake videos below."""
+    return {name: sorted((frame_folders / folder).glob("*.jpg"))[:N]
+            for name, folder in (("dog", "synth-1-0002"), ("libby", "synth-1-0004"))}
 
 
 def _place(frames: list[Path], folder: Path, name_of) -> None:
@@ -51,17 +53,17 @@ def _frame_order_is_natural(sample: dict, meta: dict, sources: list[Path]) -> bo
     return err[1] < err[0] and meta["frame_indices"][10] == 10
 
 
-def test_kinetics_class_folders_of_videos(tmp_path, train_videos):
+def test_kinetics_class_folders_of_videos(tmp_path, video_folder):
     root = tmp_path / "k400" / "train"
     (root / "abseiling").mkdir(parents=True)
     (root / "zumba").mkdir()
-    shutil.copy(train_videos / "bear.mp4", root / "abseiling" / "0wR5jVB-WPk_000417_000427.mp4")
-    shutil.copy(train_videos / "boat.mp4", root / "zumba" / "-0bZ0Dzx9jw_000032_000042.mp4")
+    first = shutil.copy(video_folder / "synth-2-0000.mp4", root / "abseiling" / "0wR5jVB-WPk_000417_000427.mp4")
+    second = shutil.copy(video_folder / "synth-2-0001.mp4", root / "zumba" / "-0bZ0Dzx9jw_000032_000042.mp4")
     index, metas, _ = _build("kinetics", root, tmp_path / "out")
     assert index["source"] == "kinetics" and index["totals"]["videos"] == 2 and index["skipped"] == []
     assert {(m["video_id"], m["label"]) for m in metas} == {
         ("abseiling/0wR5jVB-WPk_000417_000427", "abseiling"), ("zumba/-0bZ0Dzx9jw_000032_000042", "zumba")}
-    assert index["totals"]["clips"] == 82 // N + 75 // N
+    assert index["totals"]["clips"] == frame_count(first) // N + frame_count(second) // N
     assert all(m["dataset"] == "kinetics" and m["fps"] == pytest.approx(24.0) for m in metas)
 
 
