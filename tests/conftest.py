@@ -83,13 +83,3 @@ def davis_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("davis")
     synthetic.write_davis(root, sequences=3, frames=24, size=(144, 256), seed=3, objects=(1, 1))
     return root
-
-
-@pytest.fixture(scope="session")
-def davis_mini() -> Path:
-    return _need(DATA / "davis-mini")
-
-
-@pytest.fixture(scope="session")
-def train_videos() -> Path:
-    return _need(DATA / "train-videos")

@@ -1,4 +1,4 @@
-"""The training loop on real shards of ../shared/data/train-videos, in real processes.
+"""The training loop on real shards of synthetic H.264 videos, in real processes.
 
 2 processes (gloo): loss goes down, replicas identical after every step, metrics and
 checkpoints written; exact resume after SIGKILL (1 process bitwise, 2 processes to 1e-6);
@@ -29,6 +29,7 @@ from dulearn.checkpoint import load_latest, save_checkpoint, step_files
 from dulearn.config import load_config
 from dulearn.monitor import truncate_metrics
 from dulearn.train import NonFiniteLossError, request_checkpoint, train
+from synthetic_data import VIDEO_FRAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -36,10 +37,10 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="session")
-def shard_index(train_videos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Small shards (72 px short side) of the 30 training videos, built once per session."""
+def shard_index(video_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small shards (72 px short side) of the 12 synthetic videos, built once per session."""
     out = tmp_path_factory.mktemp("train-shards")
-    cmd = [sys.executable, "shards/build.py", "videos", str(train_videos), "--out", str(out),
+    cmd = [sys.executable, "shards/build.py", "videos", str(video_folder), "--out", str(out),
            "--short-side", "72", "--clip-len", "16", "--shard-clips", "12", "--workers", "2"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=_env())
     return out / "index.json"
@@ -66,7 +67,7 @@ def _overrides(index: Path, steps: int, batch: int, **extra: object) -> list[str
     """A tiny run: 64x64 crops, 3-frame clips, a dataloader worker per rank, a line per step."""
     base = {
         "data.train": f"[{index}]", "data.short_side": "[64,72]", "data.crop": 64, "data.clip_len": 3,
-        "data.shuffle_buffer": 16, "data.num_workers": 1, "data.videos_per_epoch": 30,
+        "data.shuffle_buffer": 16, "data.num_workers": 1, "data.videos_per_epoch": len(VIDEO_FRAMES),
         "optim.lr": 1e-3, "schedule.total_steps": steps, "schedule.lr_step": 0, "train.batch_size": batch,
         "log.every": 1, "log.progress": "false", "train.checkpoint_every": steps,
     }
@@ -329,10 +330,10 @@ def test_request_checkpoint_in_process(shard_index: Path, tmp_path: Path, one_th
 
 
 @pytest.mark.slow
-def test_periodic_davis_eval_keeps_best(shard_index: Path, davis_mini: Path, tmp_path: Path, one_thread: None) -> None:
+def test_periodic_davis_eval_keeps_best(shard_index: Path, davis_set: Path, tmp_path: Path, one_thread: None) -> None:
     cfg = load_config(ROOT / "configs/cpu.yaml", _overrides(
-        shard_index, 4, 2, **{"data.num_workers": 0, "eval.davis_root": davis_mini, "eval.every": 3,
-                              "eval.sequences": "[car-shadow]", "eval.input_size": 64}))
+        shard_index, 4, 2, **{"data.num_workers": 0, "eval.davis_root": davis_set, "eval.every": 3,
+                              "eval.sequences": "[synth-3-0000]", "eval.input_size": 64}))
     result = train(cfg, tmp_path / "run")
     evals = [m for m in _metrics(tmp_path / "run") if "eval/J&F-Mean" in m]
     assert [m["step"] for m in evals] == [3] and 0 < evals[0]["eval/J&F-Mean"] <= 1
