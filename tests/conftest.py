@@ -10,6 +10,8 @@ missing ../shared fails them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,28 @@ GOLDEN = SHARED / "golden"
 
 # Two cores in CI: keep every test process from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run the body at `n` intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test, like each training process (cores are shared).
+
+    Rendering and in-process training are many small ops: a second thread gains them little,
+    and waiting for it costs several times that on a busy machine.
+    """
+    with threads(1):
+        yield
 
 
 def in_ci() -> bool:
@@ -59,7 +83,8 @@ def golden_dir() -> Path:
 def frame_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tree of 5 frame folders (50, 40, 60, 50, 49 JPEG frames at 108x192)."""
     root = tmp_path_factory.mktemp("frame-folders")
-    synthetic_data.write_frame_folders(root)
+    with threads(1):
+        synthetic_data.write_frame_folders(root)
     return root
 
 
@@ -67,19 +92,22 @@ def frame_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def video_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of 12 H.264 mp4 videos (25 to 91 frames at 96x160, 24 fps)."""
     root = tmp_path_factory.mktemp("videos")
-    synthetic_data.write_mp4_folder(root)
+    with threads(1):
+        synthetic_data.write_mp4_folder(root)
     return root
 
 
 @pytest.fixture(scope="session")
 def large_video() -> synthetic.Video:
     """One 30-frame video at 360x640: larger than the builder's default short side (320)."""
-    return synthetic.make_video(4, 0, frames=30, size=synthetic_data.LARGE_SIZE)
+    with threads(1):
+        return synthetic.make_video(4, 0, frames=30, size=synthetic_data.LARGE_SIZE)
 
 
 @pytest.fixture(scope="session")
 def davis_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A DAVIS-2017 layout: 3 single-object sequences of 24 frames at 144x256, exact masks."""
     root = tmp_path_factory.mktemp("davis")
-    synthetic.write_davis(root, sequences=3, frames=24, size=(144, 256), seed=3, objects=(1, 1))
+    with threads(1):
+        synthetic.write_davis(root, sequences=3, frames=24, size=(144, 256), seed=3, objects=(1, 1))
     return root

@@ -131,7 +131,7 @@ def test_deterministic_across_worker_counts(tmp_path, mp4_build, video_folder, v
     assert (tmp_path / "index.json").read_bytes() == (out / "index.json").read_bytes()
 
 
-def test_resume_after_killed_build(tmp_path):
+def test_resume_after_killed_build(tmp_path, one_thread):
     root = tmp_path / "frames"
     write_frame_folders(root, lengths=(20,) * 24)  # 24 one-clip videos: 24 shards to be killed among
     opts = ["--short-side", str(SHORT), "--clip-len", "20", "--shard-clips", "1", "--workers", "1"]

@@ -51,15 +51,6 @@ def shard_index(video_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out / "index.json"
 
 
-@pytest.fixture()
-def one_thread():
-    """In-process runs use one intra-op thread, like each training process (cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _env() -> dict[str, str]:
     """Environment of a training subprocess: no inherited rank variables, one thread, wandb offline."""
     env = {k: v for k, v in os.environ.items()
