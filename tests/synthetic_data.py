@@ -1,8 +1,9 @@
 """Small real inputs for the tests, rendered with dulearn.synthetic (no download, no ../shared).
 
-Frame folders of JPEGs (as DAVIS or YouTube-VOS ship them), a folder of H.264 mp4 files
-(PyAV, as real footage comes), one larger video for resize fidelity, and a DAVIS-layout set
-with exact masks. Each writer is deterministic: the same call gives the same files.
+Writers of frame folders of JPEGs (as DAVIS or YouTube-VOS ship them) and of folders of
+H.264 mp4 files (PyAV, as real footage comes), and the sizes of the session fixtures in
+conftest.py (which also renders a larger video and a DAVIS-layout set with exact masks).
+Each writer is deterministic: the same call gives the same files.
 """
 
 from __future__ import annotations

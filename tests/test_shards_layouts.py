@@ -21,7 +21,7 @@ BUILD = ["--short-side", "64", "--clip-len", str(N), "--min-clip-len", "5", "--w
 
 
 @pytest.fixture(scope="module")
-def real_frames(frame_folders) -> dict[str, list[Path]]:
+def source_frames(frame_folders) -> dict[str, list[Path]]:
     """The first N frames of two videos, under the names of the fake videos below."""
     return {name: sorted((frame_folders / folder).glob("*.jpg"))[:N]
             for name, folder in (("dog", "synth-1-0002"), ("libby", "synth-1-0004"))}
@@ -67,26 +67,26 @@ def test_kinetics_class_folders_of_videos(tmp_path, video_folder):
     assert all(m["dataset"] == "kinetics" and m["fps"] == pytest.approx(24.0) for m in metas)
 
 
-def test_trackingnet_frames_and_zips(tmp_path, real_frames):
+def test_trackingnet_frames_and_zips(tmp_path, source_frames):
     root = tmp_path / "TrackingNet"
-    _place(real_frames["dog"], root / "TRAIN_0" / "frames" / "a1", lambda i: f"{i}.jpg")
-    _place(real_frames["libby"], root / "TRAIN_0" / "frames" / "a2", lambda i: f"{i}.jpg")
+    _place(source_frames["dog"], root / "TRAIN_0" / "frames" / "a1", lambda i: f"{i}.jpg")
+    _place(source_frames["libby"], root / "TRAIN_0" / "frames" / "a2", lambda i: f"{i}.jpg")
     (root / "TRAIN_1" / "zips").mkdir(parents=True)
     with zipfile.ZipFile(root / "TRAIN_1" / "zips" / "b1.zip", "w") as zf:
-        for i, f in enumerate(real_frames["dog"]):
+        for i, f in enumerate(source_frames["dog"]):
             zf.write(f, f"b1/{i}.jpg")
     index, metas, samples = _build("trackingnet", root, tmp_path / "out")
     by_id = {m["video_id"]: (k, m) for k, m in zip(samples, metas)}
     assert set(by_id) == {"TRAIN_0/a1", "TRAIN_0/a2", "TRAIN_1/b1"}
     assert index["totals"] == {**index["totals"], "videos": 3, "clips": 3, "frames": 3 * N}
-    for vid, src in (("TRAIN_0/a1", real_frames["dog"]), ("TRAIN_1/b1", real_frames["dog"])):
+    for vid, src in (("TRAIN_0/a1", source_frames["dog"]), ("TRAIN_1/b1", source_frames["dog"])):
         key, meta = by_id[vid]
         assert _frame_order_is_natural(samples[key], meta, src)
 
 
-def test_ytvos_all_frames_and_train_with_file_list(tmp_path, real_frames):
+def test_ytvos_all_frames_and_train_with_file_list(tmp_path, source_frames):
     root = tmp_path / "ytvos"
-    for name, frames in real_frames.items():
+    for name, frames in source_frames.items():
         _place(frames, root / "train_all_frames" / "JPEGImages" / f"{name}0a1b", lambda i: f"{i:05d}.jpg")
         _place(frames, root / "train" / "JPEGImages" / f"{name}0a1b", lambda i: f"{5 * i:05d}.jpg")
     index, metas, _ = _build("ytvos", root, tmp_path / "all")
@@ -98,9 +98,9 @@ def test_ytvos_all_frames_and_train_with_file_list(tmp_path, real_frames):
     assert [(m["video_id"], m["fps"]) for m in metas] == [("libby0a1b", 6.0)]
 
 
-def test_oxuva_images_dev(tmp_path, real_frames):
+def test_oxuva_images_dev(tmp_path, source_frames):
     root = tmp_path / "oxuva"
-    for k, frames in enumerate(real_frames.values()):
+    for k, frames in enumerate(source_frames.values()):
         _place(frames, root / "images" / "dev" / f"vid{k:04d}", lambda i: f"{i:06d}.jpeg")
     index, metas, samples = _build("oxuva", root, tmp_path / "out", "--frame-stride", "2", "--clip-len", "6")
     assert sorted(m["video_id"] for m in metas) == ["dev/vid0000", "dev/vid0001"]
