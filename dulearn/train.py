@@ -150,9 +150,14 @@ def params_crc(model: torch.nn.Module) -> int:
 
 
 def native_bf16(cpu: bool) -> bool:
-    """Whether bf16 runs in hardware: a CUDA GPU with bf16 units, or a CPU with AVX512-BF16 or AMX."""
+    """Whether bf16 runs in hardware: a CUDA GPU with bf16 units, or a CPU with AVX512-BF16 or AMX.
+
+    DULEARN_CPU_BF16=0 makes any CPU count as fp32-only (to test as on a CPU without bf16 units).
+    """
     if not cpu:
         return torch.cuda.is_bf16_supported(including_emulation=False)
+    if os.environ.get("DULEARN_CPU_BF16") == "0":
+        return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 

@@ -18,10 +18,10 @@ BUFFER = 2
 
 
 @pytest.fixture(scope="module")
-def uneven_shards(tmp_path_factory, davis_mini) -> Path:
-    """30 clips in shards of 6, 12, 6 and 6 clips."""
+def uneven_shards(tmp_path_factory, frame_folders) -> Path:
+    """30 clips in shards of 6, 12, 6 and 6 clips (of synthetic frame folders)."""
     out = tmp_path_factory.mktemp("dist") / "shards"
-    assert build_main(["frames", str(davis_mini / "JPEGImages" / "480p"), "--out", str(out), "--short-side",
+    assert build_main(["frames", str(frame_folders), "--out", str(out), "--short-side",
                        "64", "--clip-len", "8", "--shard-clips", "6", "--workers", "1"]) == 0
     return out
 

@@ -1,4 +1,5 @@
-"""The training stream on real clip shards: batches, resume, sampling, geometry, corrupt clips, pipes."""
+"""The training stream on real clip shards (of synthetic frame folders): batches, resume, sampling,
+geometry, corrupt clips, pipes."""
 
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ OPTS = dict(clip_len=5, frame_gap=2, short_side=(64, 80), crop=64)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, davis_mini) -> Path:
-    """30 clips of 5..7 frames (at 80 px) in 4 shards of 6, 12, 6 and 6 clips."""
+def shards(tmp_path_factory, frame_folders) -> Path:
+    """30 clips of 8 or 9 frames (at 80 px) in 4 shards of 6, 12, 6 and 6 clips."""
     out = tmp_path_factory.mktemp("stream") / "shards"
-    assert build_main(["frames", str(davis_mini / "JPEGImages" / "480p"), "--out", str(out), "--short-side",
+    assert build_main(["frames", str(frame_folders), "--out", str(out), "--short-side",
                        str(SHORT), "--clip-len", "8", "--shard-clips", "6", "--workers", "1"]) == 0
     return out
 

@@ -1,4 +1,5 @@
-"""The evaluation CLI end to end on real DAVIS frames (random-init model, CPU), YouTube-VOS mode, bad input."""
+"""The evaluation CLI end to end on a synthetic DAVIS-layout set with exact masks (random-init model,
+CPU), YouTube-VOS mode, bad input. The official evaluator's figures are tested in test_metrics.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from dulearn import davis, evaluate, metrics
 from dulearn.checkpoint import save_checkpoint
 from dulearn.model import DenseNet
 
-SMALL = ["--input-size", "64", "--no-progress", "--device", "cpu"]  # 8x15 feature grid: fast on CPU
+SMALL = ["--input-size", "64", "--no-progress", "--device", "cpu"]  # 8x14 feature grid: fast on CPU
+SEQUENCES = ["synth-3-0000", "synth-3-0001", "synth-3-0002"]  # the davis_set fixture: 24 frames, 1 object each
 
 
 def _jf(text: str) -> str:
@@ -29,7 +31,7 @@ def _jf(text: str) -> str:
 
 
 def _mini_tree(src: Path, dst: Path, seq: str, n: int) -> Path:
-    """A DAVIS tree with the first n frames and masks of one davis-mini sequence."""
+    """A DAVIS tree with the first n frames and masks of one sequence of `src`."""
     for kind, ext in (("JPEGImages", ".jpg"), ("Annotations", ".png")):
         out = dst / kind / "480p" / seq
         out.mkdir(parents=True)
@@ -39,22 +41,22 @@ def _mini_tree(src: Path, dst: Path, seq: str, n: int) -> Path:
 
 
 @pytest.mark.slow
-def test_cli_on_davis_mini_matches_metrics_and_writes_valid_results(davis_mini, tmp_path, capsys):
+def test_cli_on_davis_set_matches_metrics_and_writes_valid_results(davis_set, tmp_path, capsys):
     out = tmp_path / "out"
-    seq = "car-shadow"
-    assert evaluate.main(["--davis", str(davis_mini), "--sequences", seq, "--out", str(out), *SMALL]) == 0
+    seq = SEQUENCES[0]
+    assert evaluate.main(["--davis", str(davis_set), "--sequences", seq, "--out", str(out), *SMALL]) == 0
     printed = capsys.readouterr().out
     assert seq + "_1" in printed
 
     # the printed J&F equals dulearn.metrics run on the written folder
-    assert metrics.main(["--davis", str(davis_mini), "--results", str(out / "Annotations"), "--sequences", seq]) == 0
+    assert metrics.main(["--davis", str(davis_set), "--results", str(out / "Annotations"), "--sequences", seq]) == 0
     assert _jf(printed) == _jf(capsys.readouterr().out)
 
     # valid DAVIS results: one palette PNG per frame, same names and size, DAVIS palette, ids {0,1}
-    frames = davis.sequence_frames(davis_mini, seq)
+    frames = davis.sequence_frames(davis_set, seq)
     pngs = sorted((out / "Annotations" / seq).glob("*.png"))
     assert [p.stem for p in pngs] == [f.stem for f in frames]
-    with Image.open(davis.sequence_masks(davis_mini, seq)[0]) as gt:
+    with Image.open(davis.sequence_masks(davis_set, seq)[0]) as gt:
         gt_palette, gt_size = gt.getpalette()[:768], gt.size
     for p in pngs[:: len(pngs) // 4]:
         with Image.open(p) as im:
@@ -72,26 +74,27 @@ def test_cli_on_davis_mini_matches_metrics_and_writes_valid_results(davis_mini, 
         assert sum(1 for _ in container.decode(video=0)) == len(frames)
 
 
-def test_evaluate_davis_for_the_training_loop(davis_mini, tmp_path):
-    root = _mini_tree(davis_mini, tmp_path / "davis", "blackswan", 6)
+def test_evaluate_davis_for_the_training_loop(davis_set, tmp_path):
+    root = _mini_tree(davis_set, tmp_path / "davis", SEQUENCES[1], 6)
     model = DenseNet().train()
-    summary = evaluate.evaluate_davis(model, root, sequences=["blackswan"], input_size=64)
+    summary = evaluate.evaluate_davis(model, root, sequences=[SEQUENCES[1]], input_size=64)
     assert model.training, "the model's train mode was not restored"
     assert 0.0 <= summary["J&F-Mean"] <= 1.0 and summary["frames"] == 6
     assert summary["J&F-Mean"] == pytest.approx((summary["J-Mean"] + summary["F-Mean"]) / 2)
 
 
-def _ytvos_tree(davis_mini: Path, root: Path, n: int = 12, start: int = 5) -> tuple[Path, np.ndarray]:
-    """A YouTube-VOS valid tree from car-shadow: object 1 from frame 0, object 2 first annotated at `start`."""
+def _ytvos_tree(davis_set: Path, root: Path, n: int = 12, start: int = 5) -> tuple[Path, np.ndarray]:
+    """A YouTube-VOS valid tree from a DAVIS sequence: object 1 from frame 0, object 2 first annotated at `start`."""
     vid = "car"
     (root / "JPEGImages" / vid).mkdir(parents=True)
     (root / "Annotations" / vid).mkdir(parents=True)
-    for p in davis.sequence_frames(davis_mini, "car-shadow")[:n]:
+    for p in davis.sequence_frames(davis_set, SEQUENCES[0])[:n]:
         shutil.copy(p, root / "JPEGImages" / vid / p.name)
-    first = davis.load_mask(davis.sequence_masks(davis_mini, "car-shadow")[0])
+    first = davis.load_mask(davis.sequence_masks(davis_set, SEQUENCES[0])[0])
     davis.save_mask(root / "Annotations" / vid / "00000.png", first)
     new = np.zeros_like(first)
-    new[300:470, 500:840] = 2  # a second object, annotated only where it first appears
+    h, w = first.shape
+    new[h * 5 // 8 : h * 49 // 50, w * 7 // 12 : w * 49 // 50] = 2  # a second object, annotated only where it first appears
     davis.save_mask(root / "Annotations" / vid / f"{start:05d}.png", new)
     sparse = [f"{i:05d}" for i in range(0, n, 5)]
     meta = {"videos": {vid: {"objects": {"1": {"category": "car", "frames": sparse}, "2": {"category": "box", "frames": [f for f in sparse if int(f) >= start]}}}}}
@@ -100,8 +103,8 @@ def _ytvos_tree(davis_mini: Path, root: Path, n: int = 12, start: int = 5) -> tu
 
 
 @pytest.mark.slow
-def test_ytvos_mode_later_object_sparse_frames_and_zip(davis_mini, tmp_path):
-    root, box = _ytvos_tree(davis_mini, tmp_path / "ytvos")
+def test_ytvos_mode_later_object_sparse_frames_and_zip(davis_set, tmp_path):
+    root, box = _ytvos_tree(davis_set, tmp_path / "ytvos")
     out = tmp_path / "out"
     assert evaluate.main(["--ytvos", str(root), "--out", str(out), "--video", "gif", *SMALL]) == 0
     written = sorted(p.relative_to(out).as_posix() for p in (out / "Annotations").rglob("*.png"))
@@ -117,22 +120,24 @@ def test_ytvos_mode_later_object_sparse_frames_and_zip(davis_mini, tmp_path):
     assert "zip" in json.loads((out / "summary.json").read_text())
 
 
-def test_bad_input_is_a_clear_error(davis_mini, tmp_path):
+def test_bad_input_is_a_clear_error(davis_set, tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="no-such-sequence"):
-        evaluate.main(["--davis", str(davis_mini), "--sequences", "no-such-sequence", "--out", out, *SMALL])
+        evaluate.main(["--davis", str(davis_set), "--sequences", "no-such-sequence", "--out", out, *SMALL])
 
-    wrong = _mini_tree(davis_mini, tmp_path / "wrong", "dog", 3)
-    first = wrong / "Annotations" / "480p" / "dog" / "00000.png"
-    davis.save_mask(first, davis.load_mask(first)[:200, :300])
+    seq = SEQUENCES[2]
+    wrong = _mini_tree(davis_set, tmp_path / "wrong", seq, 3)
+    first = wrong / "Annotations" / "480p" / seq / "00000.png"
+    mask = davis.load_mask(first)
+    davis.save_mask(first, mask[: mask.shape[0] // 2, : mask.shape[1] // 2])
     with pytest.raises(ValueError, match=r"00000\.png has size"):
-        evaluate.main(["--davis", str(wrong), "--sequences", "dog", "--out", out, *SMALL])
+        evaluate.main(["--davis", str(wrong), "--sequences", seq, "--out", out, *SMALL])
 
-    nomask = _mini_tree(davis_mini, tmp_path / "nomask", "dog", 3)
-    for p in (nomask / "Annotations" / "480p" / "dog").glob("*.png"):
+    nomask = _mini_tree(davis_set, tmp_path / "nomask", seq, 3)
+    for p in (nomask / "Annotations" / "480p" / seq).glob("*.png"):
         p.unlink()
     with pytest.raises(FileNotFoundError, match="first frame 00000.jpg"):
-        evaluate.main(["--davis", str(nomask), "--sequences", "dog", "--out", out, *SMALL])
+        evaluate.main(["--davis", str(nomask), "--sequences", seq, "--out", out, *SMALL])
 
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"encoder.conv.weight": torch.zeros(1)}}, bad)

@@ -1,4 +1,5 @@
-"""Bad inputs are skipped, counted and listed with a reason; the build always finishes."""
+"""Bad inputs (damaged copies of synthetic H.264 videos and JPEG frames) are skipped, counted and
+listed with a reason; the build always finishes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from shards.build import main as build_main
+from synthetic_data import frame_count
 
 BUILD = ["--short-side", "64", "--clip-len", "20", "--min-clip-len", "10", "--workers", "2"]
 
@@ -36,16 +38,16 @@ def _reasons(index: dict) -> dict[str, str]:
     return {Path(s["input"]).name: s["reason"] for s in index["skipped"]}
 
 
-def test_bad_videos_are_skipped_and_listed(tmp_path, train_videos):
+def test_bad_videos_are_skipped_and_listed(tmp_path, video_folder):
     root = tmp_path / "videos"
     root.mkdir()
-    shutil.copy(train_videos / "bear.mp4", root / "good.mp4")
-    data = (train_videos / "bus.mp4").read_bytes()
+    shutil.copy(video_folder / "synth-2-0000.mp4", root / "good.mp4")
+    data = (video_folder / "synth-2-0004.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(data[: len(data) * 6 // 10])  # moov atom lost, as in a cut download
     (root / "garbage.webm").write_bytes(np.random.default_rng(0).bytes(50_000))
-    with av.open(str(train_videos / "boat.mp4")) as c:
-        real = [f.to_ndarray(format="rgb24")[:96, :128] for _, f in zip(range(5), c.decode(video=0))]
-    _write_video(root / "short.avi", real)
+    with av.open(str(video_folder / "synth-2-0001.mp4")) as c:
+        decoded = [f.to_ndarray(format="rgb24")[:96, :128] for _, f in zip(range(5), c.decode(video=0))]
+    _write_video(root / "short.avi", decoded)
     _write_video(root / "zero.avi", [])
     out = tmp_path / "out"
     assert build_main(["videos", str(root), "--out", str(out), *BUILD]) == 0
@@ -57,7 +59,7 @@ def test_bad_videos_are_skipped_and_listed(tmp_path, train_videos):
     assert reasons["short.avi"].startswith("too short: 5 frames")
     assert reasons["zero.avi"] == "no frames"
     assert index["totals"]["skipped"] == 4
-    assert index["totals"]["videos"] == 1 and index["totals"]["clips"] == 82 // 20
+    assert index["totals"]["videos"] == 1 and index["totals"]["clips"] == frame_count(root / "good.mp4") // 20
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -66,8 +68,8 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def test_bad_frame_folders_are_skipped_and_listed(tmp_path, davis_mini):
-    frames = sorted((davis_mini / "JPEGImages" / "480p" / "dog").glob("*.jpg"))[:12]
+def test_bad_frame_folders_are_skipped_and_listed(tmp_path, frame_folders):
+    frames = sorted((frame_folders / "synth-1-0002").glob("*.jpg"))[:12]
     root = tmp_path / "frames"
     for name in ("good", "corrupt", "gray", "rgba", "short", "empty"):
         (root / name).mkdir(parents=True)

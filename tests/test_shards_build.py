@@ -1,4 +1,5 @@
-"""Shard builder on real video: counts, fidelity, determinism, resume after a kill, verify."""
+"""Shard builder on H.264 video and JPEG frame folders (synthetic): counts, fidelity, determinism,
+resume after a kill, verify."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from PIL import Image
 from dulearn.shard_format import iter_samples
 from shards.build import main as build_main
 from shards.verify import verify
+from dulearn.synthetic import write_mp4
+from synthetic_data import VIDEO_SIZE, write_frame_folders, write_jpegs
 
 ROOT = Path(__file__).resolve().parents[1]
-VIDEOS = ["bear.mp4", "boat.mp4", "bus.mp4", "elephant.mp4"]
+VIDEOS = ["synth-2-0000.mp4", "synth-2-0001.mp4", "synth-2-0004.mp4", "synth-2-0006.mp4"]  # 82, 75, 91, 70 frames
 SHORT = 96
 
 
@@ -44,24 +47,24 @@ def _decoded(jpg: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def video_list(tmp_path_factory, train_videos) -> Path:
+def video_list(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("lists") / "videos.txt"
     path.write_text("\n".join(VIDEOS) + "\n")
     return path
 
 
 @pytest.fixture(scope="module")
-def mp4_build(tmp_path_factory, train_videos, video_list) -> tuple[Path, dict]:
+def mp4_build(tmp_path_factory, video_folder, video_list) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("mp4") / "shards"
-    return out, _build("videos", train_videos, out, "--file-list", str(video_list), "--shard-clips", "2",
+    return out, _build("videos", video_folder, out, "--file-list", str(video_list), "--shard-clips", "2",
                        "--clip-len", "30", "--workers", "1")
 
 
-def test_mp4_counts_match_a_direct_decode(mp4_build, train_videos):
+def test_mp4_counts_match_a_direct_decode(mp4_build, video_folder):
     out, index = mp4_build
     frames = {}
     for name in VIDEOS:
-        with av.open(str(train_videos / name)) as c:
+        with av.open(str(video_folder / name)) as c:
             frames[name] = sum(1 for _ in c.decode(video=0))
     assert index["totals"]["videos"] == len(VIDEOS) and index["skipped"] == []
     assert index["totals"]["frames"] == sum(frames.values())  # clips cover every frame
@@ -75,21 +78,22 @@ def test_mp4_counts_match_a_direct_decode(mp4_build, train_videos):
             assert "." not in key
             meta = json.loads(sample["json"])
             assert meta["dataset"] == "videos" and meta["fps"] == pytest.approx(24.0)
-            assert meta["orig_size"] == [480, 854] and meta["size"] == [SHORT, round(854 * SHORT / 480)]
+            h, w = VIDEO_SIZE
+            assert meta["orig_size"] == [h, w] and meta["size"] == [SHORT, round(w * SHORT / h)]
             assert len([k for k in sample if k.endswith(".jpg")]) == meta["num_frames"] >= 10
             seen.setdefault(meta["video_id"], []).extend(meta["frame_indices"])
     assert {k: sorted(v) for k, v in seen.items()} == {Path(n).stem: list(range(frames[n])) for n in VIDEOS}
 
 
-def test_mp4_frames_match_source_psnr(tmp_path, train_videos):
-    """At the default short side (320) and JPEG quality (90)."""
-    (tmp_path / "list.txt").write_text("bear.mp4\n")
+def test_mp4_frames_match_source_psnr(tmp_path, large_video):
+    """At the default short side (320) and JPEG quality (90), from a 360x640 H.264 video."""
+    (tmp_path / "videos").mkdir()
+    write_mp4(tmp_path / "videos" / "large.mp4", large_video.frames)
     out = tmp_path / "shards"
-    assert build_main(["videos", str(train_videos), "--out", str(out), "--file-list", str(tmp_path / "list.txt"),
-                       "--workers", "1"]) == 0
+    assert build_main(["videos", str(tmp_path / "videos"), "--out", str(out), "--workers", "1"]) == 0
     key, sample = next(iter_samples(str(out / "videos-000000.tar")))
     meta = json.loads(sample["json"])
-    with av.open(str(train_videos / "bear.mp4")) as c:
+    with av.open(str(tmp_path / "videos" / "large.mp4")) as c:
         source = [f.to_image() for f in c.decode(video=0)]
     h, w = meta["size"]
     assert (h, w) == (320, 569)
@@ -98,8 +102,8 @@ def test_mp4_frames_match_source_psnr(tmp_path, train_videos):
         assert _psnr(_decoded(sample[f"{pos:04d}.jpg"]), ref) > 35.0
 
 
-def test_frame_folders_counts_and_psnr(tmp_path, davis_mini):
-    root = davis_mini / "JPEGImages" / "480p"
+def test_frame_folders_counts_and_psnr(tmp_path, frame_folders, large_video):
+    root = frame_folders
     index = _build("frames", root, tmp_path / "all", "--clip-len", "40", "--shard-size", "600KB", "--workers", "1")
     counts = {d.name: len(list(d.glob("*.jpg"))) for d in root.iterdir()}
     assert index["totals"]["frames"] == sum(counts.values()) == 249
@@ -107,9 +111,8 @@ def test_frame_folders_counts_and_psnr(tmp_path, davis_mini):
     sizes = [s["bytes"] for s in index["shards"]]  # ~6 KB frames, whole videos per shard
     assert 2 <= len(sizes) <= 4 and min(sizes[:-1]) > 300_000 and max(sizes) < 1_500_000
     assert verify(tmp_path / "all", decode=True) == []
-    (tmp_path / "list.txt").write_text("blackswan\n")  # the most detailed sequence, at the defaults
-    assert build_main(["frames", str(root), "--out", str(tmp_path / "one"), "--file-list",
-                       str(tmp_path / "list.txt"), "--workers", "1"]) == 0
+    root = write_jpegs(tmp_path / "large" / "synth-4-0000", large_video.frames).parent  # 360x640, at the defaults
+    assert build_main(["frames", str(root), "--out", str(tmp_path / "one"), "--workers", "1"]) == 0
     key, sample = next(iter_samples(str(tmp_path / "one" / "frames-000000.tar")))
     meta = json.loads(sample["json"])
     h, w = meta["size"]
@@ -119,17 +122,18 @@ def test_frame_folders_counts_and_psnr(tmp_path, davis_mini):
         assert _psnr(_decoded(sample[f"{pos:04d}.jpg"]), ref) > 35.0
 
 
-def test_deterministic_across_worker_counts(tmp_path, mp4_build, train_videos, video_list):
+def test_deterministic_across_worker_counts(tmp_path, mp4_build, video_folder, video_list):
     out, index = mp4_build
-    again = _build("videos", train_videos, tmp_path, "--file-list", str(video_list), "--shard-clips", "2",
+    again = _build("videos", video_folder, tmp_path, "--file-list", str(video_list), "--shard-clips", "2",
                    "--clip-len", "30", "--workers", "2")
     assert again == index
     assert _tars(tmp_path) == _tars(out)
     assert (tmp_path / "index.json").read_bytes() == (out / "index.json").read_bytes()
 
 
-def test_resume_after_killed_build(tmp_path, davis_mini):
-    root = davis_mini / "JPEGImages" / "480p"
+def test_resume_after_killed_build(tmp_path, one_thread):
+    root = tmp_path / "frames"
+    write_frame_folders(root, lengths=(20,) * 24)  # 24 one-clip videos: 24 shards to be killed among
     opts = ["--short-side", str(SHORT), "--clip-len", "20", "--shard-clips", "1", "--workers", "1"]
     ref = tmp_path / "ref"
     assert build_main(["frames", str(root), "--out", str(ref), *opts]) == 0
@@ -152,8 +156,8 @@ def test_resume_after_killed_build(tmp_path, davis_mini):
     assert not list(out.glob(".*.part"))
 
 
-def test_rerun_refuses_a_different_build_and_verify_finds_damage(tmp_path, davis_mini, capsys):
-    root = davis_mini / "JPEGImages" / "480p"
+def test_rerun_refuses_a_different_build_and_verify_finds_damage(tmp_path, frame_folders, capsys):
+    root = frame_folders
     index = _build("frames", root, tmp_path, "--clip-len", "40", "--shard-clips", "4", "--workers", "1")
     with pytest.raises(SystemExit, match="different build"):
         build_main(["frames", str(root), "--out", str(tmp_path), "--short-side", "64"])

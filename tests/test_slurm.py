@@ -1,5 +1,6 @@
 """launch/slurm.py: dry-run script, checks before submission, and real runs on a two-node SLURM
-controller (tests/slurm_cluster.py) and through submitit's local executor, on real shards."""
+controller (tests/slurm_cluster.py) and through submitit's local executor, on real shards of
+synthetic H.264 videos."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "slurm.py"
 EXPECTED_2X8 = Path(__file__).parent / "data" / "expected_sbatch_2x8.txt"
-VIDEOS = ("bear.mp4", "boat.mp4", "bmx-bumps.mp4")
+VIDEOS = ("synth-2-0000.mp4", "synth-2-0001.mp4", "synth-2-0002.mp4")  # of the video_folder fixture
 TINY = """\
 # A few steps of real training on 32x32 crops (4x4 feature grid), 1 clip per rank.
 data: {train: [%s], clip_len: 3, frame_gap: 1, short_side: [32, 40], crop: 32,
@@ -40,11 +41,11 @@ def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -
 
 
 @pytest.fixture(scope="module")
-def tiny_config(train_videos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shards of three real videos (short side 40) and a config training on them."""
+def tiny_config(video_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of three videos (short side 40) and a config training on them."""
     tmp = tmp_path_factory.mktemp("slurm-data")
     (tmp / "videos.txt").write_text("\n".join(VIDEOS) + "\n")
-    subprocess.run([sys.executable, "shards/build.py", "videos", str(train_videos), "--out", str(tmp / "shards"),
+    subprocess.run([sys.executable, "shards/build.py", "videos", str(video_folder), "--out", str(tmp / "shards"),
                     "--file-list", str(tmp / "videos.txt"), "--short-side", "40", "--clip-len", "10",
                     "--shard-clips", "4", "--workers", "1"], cwd=ROOT, check=True, capture_output=True, timeout=120)
     config = tmp / "tiny.yaml"
@@ -116,9 +117,9 @@ def test_dry_run_matches_reviewed_sbatch(tmp_path: Path) -> None:
     assert not run_dir.exists(), "--dry-run must not create the run directory"
 
 
-def test_errors_before_submission(tmp_path: Path, train_videos: Path) -> None:
+def test_errors_before_submission(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(f"data: {{train: [{train_videos}], steps_per_epoch: 10}}\n")
+    config.write_text(f"data: {{train: [{tmp_path}], steps_per_epoch: 10}}\n")  # an existing path
     no_slurm = {"PATH": str(Path(sys.executable).parent)}
     out = launch("--run-dir", str(tmp_path / "run"), "--config", str(config), env=no_slurm)
     assert out.returncode == 2 and "no SLURM client (sbatch) on PATH; use --local" in out.stderr

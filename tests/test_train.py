@@ -1,9 +1,11 @@
-"""The training loop on real shards of ../shared/data/train-videos, in real processes.
+"""The training loop on real shards of synthetic H.264 videos, in real processes.
 
 2 processes (gloo): loss goes down, replicas identical after every step, metrics and
 checkpoints written; exact resume after SIGKILL (1 process bitwise, 2 processes to 1e-6);
-SIGTERM -> checkpoint + exit 0; wandb offline run files hold the scalars and images;
-non-finite losses stop the run; checkpoint corruption falls back to the previous file.
+resume on another number of processes; SIGTERM -> checkpoint + exit 0; wandb offline run
+files hold the scalars and images; non-finite losses stop the run; checkpoint corruption
+falls back to the previous file; the LR schedule and gradient clipping as the loop applies
+them; SyncBN refused on CPU processes.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ import torch
 from PIL import Image
 
 from dulearn.checkpoint import load_latest, save_checkpoint, step_files
-from dulearn.config import load_config
+from dulearn.branches import training_loss
+from dulearn.config import Config, load_config, steps_per_epoch
+from dulearn.data import build_train_loader
+from dulearn.model import DenseNet
 from dulearn.monitor import truncate_metrics
-from dulearn.train import NonFiniteLossError, request_checkpoint, train
+from dulearn.train import NonFiniteLossError, request_checkpoint, step_generator, train
+from synthetic_data import VIDEO_FRAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -36,22 +42,13 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="session")
-def shard_index(train_videos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Small shards (72 px short side) of the 30 training videos, built once per session."""
+def shard_index(video_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small shards (72 px short side) of the 12 synthetic videos, built once per session."""
     out = tmp_path_factory.mktemp("train-shards")
-    cmd = [sys.executable, "shards/build.py", "videos", str(train_videos), "--out", str(out),
+    cmd = [sys.executable, "shards/build.py", "videos", str(video_folder), "--out", str(out),
            "--short-side", "72", "--clip-len", "16", "--shard-clips", "12", "--workers", "2"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=_env())
     return out / "index.json"
-
-
-@pytest.fixture()
-def one_thread():
-    """In-process runs use one intra-op thread, like each training process (cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _env() -> dict[str, str]:
@@ -66,7 +63,7 @@ def _overrides(index: Path, steps: int, batch: int, **extra: object) -> list[str
     """A tiny run: 64x64 crops, 3-frame clips, a dataloader worker per rank, a line per step."""
     base = {
         "data.train": f"[{index}]", "data.short_side": "[64,72]", "data.crop": 64, "data.clip_len": 3,
-        "data.shuffle_buffer": 16, "data.num_workers": 1, "data.videos_per_epoch": 30,
+        "data.shuffle_buffer": 16, "data.num_workers": 1, "data.videos_per_epoch": len(VIDEO_FRAMES),
         "optim.lr": 1e-3, "schedule.total_steps": steps, "schedule.lr_step": 0, "train.batch_size": batch,
         "log.every": 1, "log.progress": "false", "train.checkpoint_every": steps,
     }
@@ -81,9 +78,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(kind: str, run_dir: Path, overrides: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def _launch(kind: str, run_dir: Path, overrides: list[str], env: dict[str, str] | None = None,
+            resume: str = "auto") -> subprocess.Popen:
     """Start a training run: `python` (1 process), `accelerate` or `torchrun` (2 processes)."""
-    args = ["dulearn/train.py", "--config", "configs/cpu.yaml", "--run-dir", str(run_dir), "--resume", "auto",
+    args = ["dulearn/train.py", "--config", "configs/cpu.yaml", "--run-dir", str(run_dir), "--resume", resume,
             *overrides]
     env = dict(env or _env())
     if kind == "python":
@@ -108,9 +106,13 @@ def _finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 240) -> int:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     if code != 0:
-        logs = "".join(p.read_text(errors="replace")[-3000:] for p in run_dir.parent.glob(f"{run_dir.name}.*.log"))
-        pytest.fail(f"training exited with {code}:\n{logs}")
+        pytest.fail(f"training exited with {code}:\n{_log(run_dir)[-6000:]}")
     return code
+
+
+def _log(run_dir: Path) -> str:
+    """What the runs in `run_dir` printed, every launcher's log."""
+    return "".join(p.read_text(errors="replace") for p in sorted(run_dir.parent.glob(f"{run_dir.name}.*.log")))
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -227,6 +229,101 @@ def test_two_process_resume_after_sigkill(two_process_run: tuple[Path, list[str]
     assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 25))
 
 
+@pytest.mark.slow
+def test_sync_bn_is_refused_on_cpu_processes(shard_index: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _launch("torchrun", run_dir, _overrides(shard_index, 4, 2, **{"model.sync_bn": "true"}))
+    assert proc.wait(120) != 0
+    log = _log(run_dir)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert errors == ["error: config key model.sync_bn: SyncBatchNorm needs GPUs; set it to false on CPU"] * 2, log
+    assert "ConfigError" not in log  # one line per rank, not a traceback
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+
+
+def _loss_at(cfg: Config, weights: dict[str, torch.Tensor], step: int) -> float:
+    """The loss a 1-process run of `cfg` computes at `step` from `weights`: batch `step` of its
+    stream (rank 0 of 1) with that step's views and offsets."""
+    d, lc = cfg.data, cfg.loss
+    loader = build_train_loader(
+        d.train, batch_size=cfg.train.batch_size, clip_len=d.clip_len, frame_gap=d.frame_gap,
+        short_side=(d.short_side[0], d.short_side[-1]), crop=d.crop, crop_mode=d.crop_mode, hflip=d.hflip,
+        shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=cfg.train.seed, rank=0, world_size=1,
+        steps_per_epoch=steps_per_epoch(cfg), start_step=step, weights=d.weights)
+    batch = next(iter(loader))
+    assert batch["step"] == step
+    model = DenseNet(cfg.model.feat_dim, cfg.model.output_stride, cfg.model.channels_last)
+    model.load_state_dict(weights)
+    gen = step_generator(cfg.train.seed, step, 0, torch.device("cpu"))
+    with torch.no_grad():
+        out = training_loss(model, batch["frames"], generator=gen, scale_min=lc.scale_min, grid=lc.grid,
+                            cv_grid=lc.cv_grid, tau=lc.tau, cv_weight=lc.cv_weight)
+    return out["loss"].item()
+
+
+def _adam_steps(state: dict) -> set[int]:
+    """The step counts of the optimiser state's parameters (Adam keeps one per parameter)."""
+    return {int(s["step"]) for s in state["optimizer"]["state"].values()}
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_on_one(two_process_run: tuple[Path, list[str]], tmp_path: Path,
+                                        one_thread: None) -> None:
+    """The 2-process run, resumed from its step-16 checkpoint on 1 process (global batch 4 on one rank).
+
+    Exact: metrics 1..16 as written, steps 17..24 once each; weights, optimiser and schedule state
+    from the checkpoint; and step 17 is batch 16 of the 1-process stream (the stream starts at the
+    checkpoint's step) with step 16's views. Not exact: the clips from step 17 on are not those the
+    2-process run read (the stream's lanes depend on the world size), and the per-rank RNG states
+    start fresh (views and offsets are seeded per step and rank, so nothing depends on them here).
+    The resumed run computes in fp32 (train.mixed_precision=no) so that step 17 can be recomputed.
+    """
+    straight, overrides = two_process_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    checkpoint = run_dir / "checkpoints" / "step_00000016.pt"
+    _finish(_launch("python", run_dir, [*overrides, "train.mixed_precision=no"], resume=str(checkpoint)), run_dir)
+    lines = _metrics(run_dir)
+    assert [m["step"] for m in lines] == list(range(1, 25))
+    assert lines[:16] == _metrics(straight)[:16]
+    log = _log(run_dir)
+    assert "resuming a run of 2 processes on 1: the data stream continues from the same step" in log, log
+    assert "checkpoint holds RNG states of 2 processes, this run has 1" in log
+    assert "resumed from step 16" in log
+    state = _final_state(run_dir, 24)
+    assert state["step"] == 24 and state["data"]["world_size"] == 1 and len(state["rng"]) == 1
+    assert _adam_steps(state) == {24}  # the optimiser went on from the 2-process run's 16 steps
+    cfg = load_config(run_dir / "config.yaml")
+    weights = _final_state(straight, 16)["model"]
+    assert lines[16]["loss"] == pytest.approx(_loss_at(cfg, weights, 16), rel=1e-5)
+    assert lines[16]["loss"] != pytest.approx(_loss_at(cfg, weights, 0), rel=1e-5)  # not a restarted stream
+
+
+@pytest.mark.slow
+def test_one_process_run_resumes_on_two(shard_index: Path, tmp_path: Path) -> None:
+    """4 steps on 1 process, then steps 5..8 on 2 (torchrun, 1 clip per rank), from the step-4 checkpoint.
+
+    Exact: metrics 1..8 once each, the step counter, weights and optimiser state carried over, both
+    replicas identical after every resumed step. Not exact: the clips (each rank reads its lanes of
+    the 2-rank stream, not the 1-process stream's batches) and the RNG states (fresh per rank);
+    the first resumed step is not recomputed here, as its loss contrasts anchors of both ranks.
+    """
+    run_dir = tmp_path / "run"
+    _finish(_launch("python", run_dir, _overrides(shard_index, 4, 2, **{"train.checkpoint_every": 4})), run_dir)
+    first = _metrics(run_dir)
+    overrides = _overrides(shard_index, 8, 2, **{"train.checkpoint_every": 4, "train.check_replicas_every": 1})
+    _finish(_launch("torchrun", run_dir, overrides), run_dir)
+    lines = _metrics(run_dir)
+    assert [m["step"] for m in lines] == list(range(1, 9)) and lines[:4] == first
+    assert all(len(set(m["replica_crc"])) == 1 and len(m["replica_crc"]) == 2 for m in lines[4:]), lines
+    log = _log(run_dir)
+    assert log.count("resuming a run of 1 processes on 2: the data stream continues from the same step") == 2
+    assert "resumed from step 4" in log
+    state = _final_state(run_dir, 8)
+    assert state["step"] == 8 and state["data"]["world_size"] == 2 and len(state["rng"]) == 2
+    assert _adam_steps(state) == {8}
+
+
 # ------------------------------------------------------------------------------------------
 # 1 process
 
@@ -329,10 +426,10 @@ def test_request_checkpoint_in_process(shard_index: Path, tmp_path: Path, one_th
 
 
 @pytest.mark.slow
-def test_periodic_davis_eval_keeps_best(shard_index: Path, davis_mini: Path, tmp_path: Path, one_thread: None) -> None:
+def test_periodic_davis_eval_keeps_best(shard_index: Path, davis_set: Path, tmp_path: Path, one_thread: None) -> None:
     cfg = load_config(ROOT / "configs/cpu.yaml", _overrides(
-        shard_index, 4, 2, **{"data.num_workers": 0, "eval.davis_root": davis_mini, "eval.every": 3,
-                              "eval.sequences": "[car-shadow]", "eval.input_size": 64}))
+        shard_index, 4, 2, **{"data.num_workers": 0, "eval.davis_root": davis_set, "eval.every": 3,
+                              "eval.sequences": "[synth-3-0000]", "eval.input_size": 64}))
     result = train(cfg, tmp_path / "run")
     evals = [m for m in _metrics(tmp_path / "run") if "eval/J&F-Mean" in m]
     assert [m["step"] for m in evals] == [3] and 0 < evals[0]["eval/J&F-Mean"] <= 1
@@ -349,6 +446,50 @@ def test_nonfinite_losses_stop_the_run(shard_index: Path, tmp_path: Path, one_th
         train(cfg, tmp_path / "run")
     lines = _metrics(tmp_path / "run")
     assert lines[-1]["nonfinite_total"] == 3 and lines[-1]["step"] == _latest_step(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_loop_trains_each_step_at_the_scheduled_lr(shard_index: Path, tmp_path: Path, one_thread: None) -> None:
+    """Warm-up over 2 steps and x0.5 every 2 steps, through the loop: metrics.jsonl logs the lr each
+    step trained with; the checkpointed optimiser holds the next step's (biases at 2x)."""
+    lr = 1e-3
+    cfg = load_config(ROOT / "configs/cpu.yaml", _overrides(shard_index, 6, 2, **{
+        "data.num_workers": 0, "optim.lr": lr, "schedule.warmup_steps": 2, "schedule.lr_step": 2}))
+    train(cfg, tmp_path / "run")
+    assert [m["lr"] for m in _metrics(tmp_path / "run")] == pytest.approx(
+        [lr / 2, lr, lr / 2, lr / 2, lr / 4, lr / 4], rel=1e-9)
+    groups = _final_state(tmp_path / "run", 6)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([lr / 8, 2 * lr / 8], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_grad_clip_scales_the_update_and_logs_the_norm(shard_index: Path, tmp_path: Path, one_thread: None) -> None:
+    """One plain SGD step (no momentum, no decay) moves each parameter by -lr_group * g.
+
+    Runs A (lr L) and B (lr 2L) without clipping give g = (pA - pB) / lr_group and the initial
+    weights p0 = 2 pA - pB. Run C (lr L, optim.grad_clip = |g| / 2) must move by the clipped
+    gradient, pC - p0 = s (pA - p0) with s = clip / (|g| + 1e-6), and log grad_norm = |g|.
+    """
+    def one_step(name: str, lr: float, **extra: object) -> tuple[dict[str, torch.Tensor], dict, Config]:
+        cfg = load_config(ROOT / "configs/cpu.yaml", _overrides(shard_index, 1, 2, **{
+            "data.num_workers": 0, "optim.name": "sgd", "optim.momentum": 0, "optim.weight_decay": 0,
+            "optim.lr": lr, **extra}))
+        train(cfg, tmp_path / name)
+        return _final_state(tmp_path / name, 1)["model"], _metrics(tmp_path / name)[0], cfg
+
+    lr = 1.0
+    a, line_a, cfg = one_step("a", lr)
+    b, _, _ = one_step("b", 2 * lr)
+    names = [n for n, _ in DenseNet(cfg.model.feat_dim).named_parameters()]  # not the BN statistics
+    group_lr = {n: lr * (cfg.optim.bias_lr_mult if n.endswith(".bias") else 1.0) for n in names}
+    grad = {n: (a[n] - b[n]) / group_lr[n] for n in names}
+    norm = sum((g.double() ** 2).sum() for g in grad.values()).sqrt().item()
+    c, line_c, _ = one_step("c", lr, **{"optim.grad_clip": norm / 2})
+    scale = (norm / 2) / (norm + 1e-6)
+    assert "grad_norm" not in line_a and line_c["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    for n in names:
+        p0 = 2 * a[n] - b[n]
+        torch.testing.assert_close(c[n] - p0, scale * (a[n] - p0), rtol=1e-3, atol=1e-6, msg=n)
 
 
 def test_corrupt_checkpoint_falls_back(tmp_path: Path) -> None:
@@ -374,11 +515,25 @@ def test_resume_drops_later_and_torn_metrics_lines(tmp_path: Path) -> None:
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from dulearn.train import resolve_precision
 
+    monkeypatch.delenv("DULEARN_CPU_BF16", raising=False)
     for avx512_bf16, amx, want in ((False, False, "no"), (True, False, "bf16"), (False, True, "bf16")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert resolve_precision("auto", cpu=True) == want
         assert [resolve_precision(p, cpu=True) for p in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+
+
+def test_cpu_bf16_off_makes_auto_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DULEARN_CPU_BF16=0: a CPU with bf16 units runs train.mixed_precision=auto in fp32."""
+    from dulearn.train import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    for value, want in (("0", "no"), ("1", "bf16"), ("", "bf16")):
+        monkeypatch.setenv("DULEARN_CPU_BF16", value)
+        assert resolve_precision("auto", cpu=True) == want
+    monkeypatch.setenv("DULEARN_CPU_BF16", "0")
+    assert resolve_precision("bf16", cpu=True) == "bf16"  # an explicit setting is kept
 
 
 def test_replica_checksum_reads_channels_last_weights_in_logical_order() -> None:
