@@ -10,29 +10,10 @@ cross-entropy run in float32 (float64 for float64 inputs), with autocast off.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from dulearn.distributed import gather_rows
 from dulearn.views import align, source_coords
-
-
-def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows of x from all ranks, concatenated in rank order; backward sums the gradients."""
-    import torch.distributed._functional_collectives as fc
-
-    gather = getattr(fc, "all_gather_single_autograd", None)
-    if gather is not None:
-        return gather(x.contiguous(), 0, dist.group.WORLD)
-    import torch.distributed.nn.functional as dnf  # torch < 2.6
-
-    return torch.cat(dnf.all_gather(x), 0)
-
-
-def _gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(rows of all ranks [R*n,...], this rank); a single process needs no process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    return _all_gather_rows(x), dist.get_rank()
 
 
 def _draw_offsets(
@@ -127,7 +108,7 @@ def dense_loss(
         anchor_offsets, cv_offsets = anchor_offsets.to(k_main.device), cv_offsets.to(k_main.device)
 
         q = _grid_points(k_main[:, 0], anchor_offsets, grid)  # [B,N2,K]
-        q_all, rank = _gather_rows(q.flatten(0, 1))  # [R*B*N2,K]
+        q_all, rank = gather_rows(q.flatten(0, 1))  # [R*B*N2,K]
         n2 = grid * grid
         with torch.no_grad():
             own = torch.einsum("btkp,bnk->btpn", k_reg.flatten(3), q)  # [B,T,hw,N2]
@@ -141,7 +122,7 @@ def dense_loss(
 
         m2 = cv_grid * cv_grid
         r = _grid_points(aligned[:, 0], cv_offsets, cv_grid).flatten(0, 1)  # [B*M2,K]
-        r_hat_all, _ = _gather_rows(_grid_points(k_reg[:, 0], cv_offsets, cv_grid).flatten(0, 1))  # [R*B*M2,K]
+        r_hat_all, _ = gather_rows(_grid_points(k_reg[:, 0], cv_offsets, cv_grid).flatten(0, 1))  # [R*B*M2,K]
         cv_labels = torch.arange(b * m2, device=r.device) + rank * b * m2
         cv = F.cross_entropy(r @ r_hat_all.T / tau, cv_labels)
 
