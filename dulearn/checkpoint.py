@@ -8,6 +8,7 @@ temporary name, fsynced and renamed, so a reader sees either the old or the new 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from dulearn.fileio import atomic_write_bytes
 
+logger = logging.getLogger(__name__)
 REQUIRED_KEYS = ("model", "config", "step")
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -43,7 +45,11 @@ def step_files(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` as step_<step>.pt, point `latest` at it, keep the newest `keep` step files."""
+    """Write `state` as step_<step>.pt, point `latest` at it, keep the newest `keep` step files.
+
+    Not accelerate's save_state(total_limit=...): it rotates folders of several files, with no
+    atomic single file and no `latest` pointer to fall back from.
+    """
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step_{int(state['step']):08d}.pt"
@@ -51,6 +57,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Pa
     atomic_write_bytes(d / "latest", (path.name + "\n").encode())
     for old in step_files(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+    logger.info(f"saved {path}")
     return path
 
 

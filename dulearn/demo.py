@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,11 +30,13 @@ import torch
 from dulearn import synthetic
 from dulearn.config import Config, load_config
 from dulearn.evaluate import evaluate_davis
+from dulearn.logger import setup_logging
 from dulearn.model import DenseNet, load_weights
 from dulearn.shard_format import INDEX_NAME
 from dulearn.train import request_checkpoint, train
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out sequences: a seed far from any training seed
+logger = logging.getLogger("dulearn.demo")  # also under python -m (__main__)
 
 
 def default_shared() -> Path:
@@ -186,23 +189,24 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the demo; returns {'results': {network: scores}, 'run': train()'s dict, 'report': text}."""
     a = parser().parse_args(argv)
+    setup_logging()
     start = time.perf_counter()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if a.data == "real" and a.eval_input_size == 0:
         a.eval_input_size = 240
     a.out.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] data: {a.data}; device: {device}; output: {a.out}", flush=True)
+    logger.info(f"data: {a.data}; device: {device}; output: {a.out}")
     index, davis_root = synthetic_data(a) if a.data == "synthetic" else real_data(a)
     cfg = make_config(a, index, device)
     run_dir = _run_dir(a, cfg)
     limit = f"at most {a.minutes:g} min" if a.minutes > 0 else "no time limit"
-    print(f"[demo] training {a.steps} steps ({limit}) in {run_dir}", flush=True)
+    logger.info(f"training {a.steps} steps ({limit}) in {run_dir}")
     run = train_with_deadline(cfg, run_dir, a.minutes)
-    print(f"[demo] evaluating on {davis_root}", flush=True)
+    logger.info(f"evaluating on {davis_root}")
     results = evaluate_both(networks(cfg, Path(run["checkpoint"])), davis_root, a.out / "eval", device,
                             a.eval_input_size)
     text = report(results, run, time.perf_counter() - start)
-    print(text, flush=True)
+    print(text, flush=True)  # the result table: stdout, for a pipe
     (a.out / "eval" / "demo.json").write_text(json.dumps({"results": results, "run": run}, indent=2, default=str))
     return {"results": results, "run": run, "report": text}
 
