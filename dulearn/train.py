@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,10 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from dulearn.checkpoint import checkpoint_dir, load_file, load_latest, save_best, save_checkpoint
-from dulearn.config import Config, ConfigError, OptimConfig, ScheduleConfig, load_config, save_config
-from dulearn.config import steps_per_epoch, validate
+from dulearn.config import Config, ConfigError, load_config, save_config, steps_per_epoch, validate
 from dulearn.model import DenseNet, load_weights
 from dulearn.monitor import Monitor, new_wandb_id, visualise
+from dulearn.optim import build_optimizer, load_optimizer_state, lr_factor
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 _checkpoint_requested = threading.Event()
@@ -81,34 +81,6 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     g = torch.Generator(device=device)
     g.manual_seed(step_seed(seed, step, rank))
     return g
-
-
-def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """The original's groups: weight decay on weights (BN weights too), none on biases at 2x lr."""
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
-    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
-    return [
-        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": biases, "lr": cfg.lr * cfg.bias_lr_mult, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam with betas (0.5, 0.999) or SGD with momentum 0.9 (the original's settings)."""
-    groups = param_groups(model, cfg)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-
-
-def lr_factor(cfg: ScheduleConfig) -> Callable[[int], float]:
-    """Step schedule (x lr_gamma every lr_step steps) times a linear warm-up."""
-    def factor(step: int) -> float:
-        """LR multiplier of a step."""
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-        decay = cfg.lr_gamma ** (step // cfg.lr_step) if cfg.lr_step > 0 else 1.0
-        return warm * decay
-    return factor
 
 
 def _rng_state() -> dict[str, Any]:
@@ -224,7 +196,7 @@ class Trainer:
             if self.device.type == "cpu":
                 raise ConfigError("config key model.sync_bn: SyncBatchNorm needs GPUs; set it to false on CPU")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule))
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.step, self.lr = 0, cfg.optim.lr
@@ -239,7 +211,7 @@ class Trainer:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         """Optimiser, scheduler, scaler, counters and this rank's RNG state from a checkpoint."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])

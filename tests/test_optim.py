@@ -1,4 +1,5 @@
-"""The optimiser of the training loop: parameter groups, the LR schedule through torch's LambdaLR.
+"""The optimiser of the training loop: parameter groups, the LR schedule through torch's LambdaLR,
+and the update a non-finite loss skips on the device, leaving no trace in the optimiser's state.
 
 The runs in test_train.py check the same as the loop applies it (logged lr, clipped update).
 """
@@ -6,6 +7,7 @@ The runs in test_train.py check the same as the loop applies it (logged lr, clip
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 
 from dulearn.config import OptimConfig, ScheduleConfig
 from dulearn.model import DenseNet
-from dulearn.train import build_optimizer, lr_factor, param_groups
+from dulearn.optim import backward_loss, build_optimizer, load_optimizer_state, lr_factor, param_groups, step_unless
 
 LR = 1e-3
 
@@ -96,3 +98,73 @@ def test_an_sgd_step_applies_the_groups(model):
         want = before[n] - 2 * LR if n.endswith(".bias") else before[n] - LR * (1 + 0.1 * before[n])
         error[n] = (p.detach() - want).abs().max().item()
     assert max(error.values()) < 1e-7, error
+
+
+def _tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+
+
+def _loss(model: torch.nn.Module, poison: bool) -> torch.Tensor:
+    """A loss that is NaN when `poison` (the inputs are always the same)."""
+    x = torch.arange(12.0).view(2, 6) / 12  # [2,6]
+    return model(x).square().mean() + (math.nan if poison else 0.0)
+
+
+def _steps(name: str, losses: list[bool], scaler: torch.amp.GradScaler | None = None) -> torch.nn.Module:
+    """Run one step per entry (True: a NaN loss) as the training loop does; the model after them."""
+    model = _tiny_net()
+    optimizer = build_optimizer(model, OptimConfig(name=name, lr=0.1))
+    wrapped = optimizer if scaler is None else _ScaledOptimizer(optimizer, scaler)
+    for poison in losses:
+        loss = _loss(model, poison)
+        bad = (~torch.isfinite(loss.detach())).float()  # [] 0/1
+        loss = backward_loss(loss, bad, scaled=scaler is not None)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        step_unless(wrapped, bad)
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+class _ScaledOptimizer:
+    """What accelerate's AcceleratedOptimizer does with a GradScaler (fp16): scaler.step, then update."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_skipped_steps_leave_no_trace(name: str) -> None:
+    # a NaN first step must not even initialise state differently (fused SGD's momentum buffers)
+    assert _equal(_steps(name, [True, False, True, False]), _steps(name, [False, False]))
+    assert not _equal(_steps(name, [False]), _tiny_net())
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_skipping_under_a_grad_scaler(name: str) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    model = _steps(name, [True], scaler)
+    assert _equal(model, _tiny_net()) and scaler.get_scale() == 2.0**3  # skipped, and the scale backed off
+    assert _equal(_steps(name, [True, False], torch.amp.GradScaler("cpu", init_scale=2.0**4)),
+                  _steps(name, [False], torch.amp.GradScaler("cpu", init_scale=2.0**3)))
+
+
+def test_a_checkpoint_of_a_non_fused_optimizer_keeps_the_fused_kernels() -> None:
+    model = _tiny_net()
+    old = build_optimizer(model, OptimConfig(lr=0.1), fused=False)  # as checkpoints before the fused kernels
+    _loss(model, False).backward()
+    old.step()
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1))
+    load_optimizer_state(optimizer, old.state_dict())
+    assert all(g["fused"] for g in optimizer.param_groups)
+    before = [p.detach().clone() for p in model.parameters()]
+    step_unless(optimizer, torch.ones(()))  # would assert inside torch without the fused kernels
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

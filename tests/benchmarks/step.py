@@ -37,7 +37,9 @@ def run_one(args: argparse.Namespace, spec: str) -> dict[str, object]:
     import torch
 
     from dulearn.branches import training_loss
+    from dulearn.config import OptimConfig
     from dulearn.model import DenseNet
+    from dulearn.optim import build_optimizer
 
     variant = _parse_variant(spec)
     device = torch.device(args.device)
@@ -46,7 +48,7 @@ def run_one(args: argparse.Namespace, spec: str) -> dict[str, object]:
     torch.manual_seed(0)
     model = DenseNet(feat_dim=128, channels_last=variant["channels_last"]).to(device).train()
     net = torch.compile(model) if variant["compile"] else model
-    optim = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    optim = build_optimizer(model, OptimConfig(lr=1e-4))  # the training's: fused Adam, betas (0.5, 0.999)
     shape = (args.batch, args.frames, 3, args.crop, args.crop)
     frames = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)  # [B,T,3,H,W]
     generator = torch.Generator(device).manual_seed(0)

@@ -63,7 +63,8 @@ def baseline(args: argparse.Namespace, device: torch.device) -> float:
     from dulearn.branches import training_loss
     from dulearn.config import OptimConfig
     from dulearn.model import DenseNet
-    from dulearn.train import build_optimizer, step_generator
+    from dulearn.optim import build_optimizer
+    from dulearn.train import step_generator
 
     torch.set_num_threads(args.threads)
     model = DenseNet().to(device).train()
