@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from dulearn.propagate import PropSettings
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line and names the key."""
@@ -119,6 +121,11 @@ class EvalConfig:
     sequences: list[str] | None = None
     layer: str = "res4"
     input_size: int = 0  # short side of the evaluated frames; 0 = full resolution (480p)
+    # label propagation (dulearn.propagate; its defaults are the paper's)
+    context: int = PropSettings.context  # previous frames besides the first
+    radius: float = PropSettings.radius  # spatial radius of the neighbours, in feature cells
+    temperature: float = PropSettings.temperature
+    topk: int = PropSettings.topk
 
 
 @dataclass
@@ -164,7 +171,11 @@ def _is_optional(tp: Any) -> bool:
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert `value` (from YAML or a `key=value` string) to the field type, or raise."""
+    """Convert `value` (from YAML or a `key=value` string) to the field type, or raise.
+
+    Not pydantic (here only as wandb's dependency): its lax mode does not read the overrides'
+    `[a,b]` and `null` strings as YAML, and its errors are several lines that name no config key.
+    """
     bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if _is_optional(tp):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
@@ -280,7 +291,8 @@ def validate(cfg: Config, world_size: int = 1, *, check_paths: bool = True) -> N
             raise ConfigError(f"config key {key}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
     _check_positive(cfg, ("train.batch_size", "schedule.total_steps", "data.clip_len", "data.frame_gap",
                           "data.crop", "loss.grid", "loss.cv_grid", "loss.tau", "log.every",
-                          "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite"))
+                          "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",
+                          "eval.context", "eval.radius", "eval.temperature", "eval.topk"))
     b = cfg.train.batch_size
     if b % world_size:
         raise ConfigError(f"config key train.batch_size: global batch {b} is not divisible by the "

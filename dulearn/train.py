@@ -272,9 +272,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self.model)
             model.eval()
-            summary = evaluate_davis(model, self.cfg.eval.davis_root, sequences=self.cfg.eval.sequences,
-                                     layer=self.cfg.eval.layer, device=str(self.device),
-                                     input_size=self.cfg.eval.input_size)
+            e = self.cfg.eval
+            summary = evaluate_davis(model, e.davis_root, sequences=e.sequences, layer=e.layer, device=str(self.device),
+                                     input_size=e.input_size, context=e.context, radius=e.radius,
+                                     temperature=e.temperature, topk=e.topk)
             model.train()
             metrics = {f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
             score = metrics.get("eval/J&F-Mean", -math.inf)
