@@ -7,6 +7,8 @@ resume the lines after the resumed step are dropped, so no step appears twice.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import netrc
 import os
 import secrets
@@ -22,6 +24,8 @@ from tqdm import tqdm
 
 from dulearn.fileio import atomic_write_bytes
 from dulearn.config import Config
+
+logger = logging.getLogger(__name__)
 
 
 def new_wandb_id() -> str:
@@ -48,6 +52,7 @@ def wandb_init_kwargs(cfg: Config, run_dir: Path, run_id: str) -> dict[str, Any]
         kwargs["entity"] = cfg.log.entity
     if "WANDB_MODE" not in os.environ and not _has_wandb_key():
         kwargs["mode"] = "offline"
+        logger.info(f"wandb: no API key, logging offline under {run_dir / 'wandb'} (upload later with `wandb sync`)")
     return kwargs
 
 
@@ -81,21 +86,27 @@ class Monitor:
         if self.wandb:
             accelerator.init_trackers(cfg.log.project, config=cfg.to_dict(),
                                       init_kwargs={"wandb": wandb_init_kwargs(cfg, run_dir, wandb_id)})
-        self.bar = tqdm(total=cfg.schedule.total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+        self.total = cfg.schedule.total_steps
+        self.bar = tqdm(total=self.total, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (self.main and cfg.log.progress))
+        self.loss = math.nan  # of the last metrics line: the loop reads losses only at logging steps
 
-    def step(self, loss: float, clips_per_s: float) -> None:
+    def step(self, clips_per_s: float) -> None:
         """Advance the progress bar by one step (ETA comes from tqdm's rate)."""
-        self.bar.set_postfix(loss=f"{loss:.4f}", clips_s=f"{clips_per_s:.1f}", refresh=False)
+        self.bar.set_postfix(loss=f"{self.loss:.4f}", clips_s=f"{clips_per_s:.1f}", refresh=False)
         self.bar.update(1)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append one metrics line and send the scalars to wandb."""
+        """Append one metrics line, send the scalars to wandb, and log a line where there is no bar."""
         if not self.main:
             return
         line = {"step": step, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
+        self.loss = metrics.get("loss", self.loss)
+        if self.bar.disable:
+            logger.info(f"step {step}/{self.total}: loss {self.loss:.4f}, lr {metrics['lr']:.3g}, "
+                        f"{metrics['clips_per_s']:.2f} clips/s, data wait {metrics['data_wait_frac']:.1%}")
         if self.wandb:
             scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.accelerator.log(scalars, step=step)

@@ -3,12 +3,14 @@
 Also runs as `python dulearn/train.py` (one process), under `torchrun`, and in-process
 through `train(cfg, run_dir)` (the SLURM launcher). Resumable (`--resume auto|PATH|none`),
 checkpoints on SIGTERM/SIGUSR1/SIGUSR2 or `request_checkpoint()` at the next step boundary.
+Between logging steps the host never waits for the device.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import math
 import os
 import random
@@ -16,10 +18,9 @@ import signal
 import sys
 import threading
 import time
-import warnings
 import zlib
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +29,21 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from dulearn import distributed
 from dulearn.checkpoint import checkpoint_dir, load_file, load_latest, save_best, save_checkpoint
 from dulearn.config import Config, ConfigError, load_config, save_config, steps_per_epoch, validate
+from dulearn.logger import setup_logging
 from dulearn.model import DenseNet, load_weights
 from dulearn.monitor import Monitor, new_wandb_id, visualise
-from dulearn.optim import build_optimizer, load_optimizer_state, lr_factor
+from dulearn.optim import backward_loss, build_optimizer, load_optimizer_state, lr_factor, step_unless
+from dulearn.stepstats import LossTerms, NonFinite, Window
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 _checkpoint_requested = threading.Event()
+logger = logging.getLogger("dulearn.train")  # also when run as a script (__main__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,15 +107,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gather_objects(obj: Any, world_size: int) -> list[Any]:
-    """Every rank's `obj` on every rank (a list in rank order)."""
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def params_crc(model: torch.nn.Module) -> int:
     """CRC32 of all parameter bytes: equal on every rank iff the replicas are identical."""
     crc = 0
@@ -148,7 +143,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=resolve_precision(cfg.train.mixed_precision, cpu),
         cpu=cpu,
         log_with="wandb" if cfg.log.wandb else None,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],  # main-process eval
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=distributed.TIMEOUT)],
     )
 
 
@@ -176,8 +171,17 @@ def _build_loader(cfg: Config, accelerator: Accelerator, start_step: int) -> Any
         steps_per_epoch=steps_per_epoch(cfg), start_step=start_step, weights=d.weights)
 
 
+@dataclass(frozen=True)
+class Hook:
+    """Periodic work of the loop: `run(frames, out)` after every `every`-th step, returns metrics."""
+
+    name: str
+    every: int
+    run: Callable[[torch.Tensor, dict[str, Any]], dict[str, Any]]
+
+
 class Trainer:
-    """One training run: model, optimiser, schedule, stream, checkpoints and monitoring."""
+    """One training run: model, optimiser, schedule and counters; `run()` is the loop."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: str | Path | None):
         self.cfg, self.run_dir = cfg, run_dir
@@ -199,36 +203,36 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim, fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule))
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.step, self.lr = 0, cfg.optim.lr
-        self.nonfinite_total = 0
-        self.best_score = -math.inf
+        self.host_group = distributed.host_group()  # where the ranks agree on stop requests
+        self.step, self.best_score = 0, -math.inf
         self.wandb_id = new_wandb_id() if cfg.log.wandb and acc.is_main_process else None
+        nonfinite_total = 0
         if state is not None:
-            self._load_state(state)
-        self.monitor = Monitor(acc, cfg, run_dir, self.step, self.wandb_id)
-        acc.print(f"{self.world} process(es) on {self.device.type}, mixed precision {acc.mixed_precision}"
-                  f" (train.mixed_precision={cfg.train.mixed_precision})")
+            nonfinite_total = self._load_state(state)
+        self.nonfinite = NonFinite.start(self.device, nonfinite_total)
+        logger.info(f"{self.world} process(es) on {self.device.type}, mixed precision {acc.mixed_precision}"
+                    f" (train.mixed_precision={cfg.train.mixed_precision})")
 
-    def _load_state(self, state: dict[str, Any]) -> None:
-        """Optimiser, scheduler, scaler, counters and this rank's RNG state from a checkpoint."""
+    def _load_state(self, state: dict[str, Any]) -> int:
+        """Optimiser, scheduler, scaler, counters and this rank's RNG state from a checkpoint; the non-finite total."""
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.best_score = float(state.get("best_score", -math.inf))
         self.wandb_id = state.get("wandb_id") or self.wandb_id
         if state.get("data", {}).get("world_size", self.world) != self.world:
-            warnings.warn(f"resuming a run of {state['data']['world_size']} processes on {self.world}: the data "
-                          "stream continues from the same step but not with the same clips")
+            logger.warning(f"resuming a run of {state['data']['world_size']} processes on {self.world}: the data "
+                           "stream continues from the same step but not with the same clips")
         rng = state.get("rng") or []
         if len(rng) == self.world:
             _set_rng_state(rng[self.rank])
         else:
-            warnings.warn(f"checkpoint holds RNG states of {len(rng)} processes, this run has {self.world}; "
-                          "keeping fresh RNG states (views and offsets are seeded per step anyway)")
-        self.accelerator.print(f"resumed from step {self.step}")
+            logger.warning(f"checkpoint holds RNG states of {len(rng)} processes, this run has {self.world}; "
+                           "keeping fresh RNG states (views and offsets are seeded per step anyway)")
+        logger.info(f"resumed from step {self.step}")
+        return int(state.get("nonfinite_total", 0))
 
     def _state(self) -> dict[str, Any]:
         """Everything a resume needs; RNG states of all ranks are gathered (collective)."""
@@ -240,10 +244,10 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "step": self.step,
             "config": self.cfg.to_dict(),
-            "rng": _gather_objects(_rng_state(), self.world),
+            "rng": distributed.gather_objects(_rng_state()),
             "data": {"step": self.step, "seed": self.cfg.train.seed, "world_size": self.world},
             "wandb_id": self.wandb_id,
-            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_total": int(self.nonfinite.total.item()),
             "best_score": self.best_score,
         }
 
@@ -256,188 +260,137 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def _reduce(self, values: list[torch.Tensor | float]) -> list[float]:
-        """Sum scalars over ranks in one all-reduce (flags, counts, losses)."""
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).detach().reshape(())
-                         for v in values])  # [V]
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+    def run(self) -> dict[str, Any]:
+        """Train until schedule.total_steps or a stop request; return how it ended.
 
-    def _evaluate(self) -> dict[str, float]:
-        """DAVIS evaluation on the main process; keeps best.pt when J&F improves."""
-        from dulearn.evaluate import evaluate_davis
+        A step, top to bottom: schedule, data, forward, the non-finite flag (agreed by all
+        ranks on the device), backward, clip, optimiser step (skipped on the device where the
+        flag is set), metrics (accumulated on the device), stop requests (agreed on the host
+        group), periodic hooks, a metrics line at logging steps (the one host sync),
+        checkpoint. train.max_nonfinite is checked at logging steps (exact with log.every=1).
+        """
+        cfg, acc = self.cfg, self.accelerator
+        stream = iter(_build_loader(cfg, acc, self.step))
+        monitor = Monitor(acc, cfg, self.run_dir, self.step, self.wandb_id)
+        hooks = self._hooks(monitor)
+        window = Window(self.device)
+        status, last_saved = "finished", self.step
+        try:
+            while self.step < cfg.schedule.total_steps:
+                t0 = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]
+                batch = next(stream)
+                wait = time.perf_counter() - t0
+                frames = batch["frames"].to(self.device, non_blocking=True)  # [B,T,3,H,W] uint8
+                out = self._forward(frames)
+                bad = distributed.reduce((~torch.isfinite(out["loss"].detach())).float(), "max")  # [] 0/1
+                acc.backward(backward_loss(out["loss"], bad, scaled=acc.scaler is not None))
+                grad_norm = self._clip()
+                step_unless(self.optimizer, bad)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
 
-        metrics: dict[str, float] = {}
+                self.nonfinite.add(bad)
+                window.add(LossTerms.of(out), bad, self.nonfinite, grad_norm, skipped=batch.get("skipped", 0),
+                           wait_s=wait, step_s=time.perf_counter() - t0, lr=lr)
+                stop = distributed.any_rank(_checkpoint_requested.is_set(), self.host_group)
+                monitor.step(cfg.train.batch_size * window.steps / max(window.step_time_s, 1e-12))
+                extra: dict[str, Any] = {}
+                for hook in hooks:
+                    if self.step % hook.every == 0:
+                        extra.update(hook.run(frames, out))
+                if stop or extra or self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
+                    metrics, longest_run = window.summary(self.nonfinite, cfg.train.batch_size,
+                                                          self.step / steps_per_epoch(cfg))
+                    monitor.log(self.step, {**metrics, **extra})
+                    window = Window(self.device)
+                    if longest_run >= cfg.train.max_nonfinite:
+                        self._stop_nonfinite(longest_run)
+                if stop or self.step % cfg.train.checkpoint_every == 0:
+                    self.save()
+                    last_saved = self.step
+                if stop:
+                    status = "checkpoint"
+                    break
+            if last_saved != self.step:
+                self.save()
+        finally:
+            monitor.close()
+            getattr(stream, "close", lambda: None)()  # stops the DataLoader workers
+        path = checkpoint_dir(self.run_dir) / f"step_{self.step:08d}.pt"
+        logger.info(f"{status} at step {self.step}; checkpoint {path}")
+        return {"status": status, "step": self.step, "checkpoint": str(path), "run_dir": str(self.run_dir),
+                "nonfinite_steps": int(self.nonfinite.total.item()),
+                "best_score": None if math.isinf(self.best_score) else self.best_score}
+
+    def _forward(self, frames: torch.Tensor) -> dict[str, Any]:
+        """Both branches and the dense loss of one batch, with this step's seeded randomness."""
+        from dulearn.branches import training_loss
+
+        lc = self.cfg.loss
+        gen = step_generator(self.cfg.train.seed, self.step, self.rank, self.device)
+        return training_loss(self.model, frames, generator=gen, scale_min=lc.scale_min, grid=lc.grid,
+                             cv_grid=lc.cv_grid, tau=lc.tau, cv_weight=lc.cv_weight)
+
+    def _clip(self) -> torch.Tensor | None:
+        """Clip the gradients to optim.grad_clip (if set); their norm before clipping, as a tensor."""
+        if self.cfg.optim.grad_clip <= 0:
+            return None
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+
+    def _stop_nonfinite(self, run: int) -> None:
+        """Checkpoint (the non-finite steps did not update the weights) and raise."""
+        path = self.save()
+        raise NonFiniteLossError(
+            f"stopping at step {self.step}: {run} non-finite losses in a row "
+            f"(train.max_nonfinite={self.cfg.train.max_nonfinite}); the weights were not updated by them "
+            f"and are saved in {path}; lower optim.lr or enable optim.grad_clip")
+
+    def _hooks(self, monitor: Monitor) -> list[Hook]:
+        """The periodic work this configuration asks for."""
+        cfg, hooks = self.cfg, []
+        if cfg.train.check_replicas_every > 0:
+            hooks.append(Hook("replica check", cfg.train.check_replicas_every, lambda _, __: self._check_replicas()))
+        if cfg.log.wandb and cfg.log.image_every > 0:
+            hooks.append(Hook("wandb images", cfg.log.image_every, lambda frames, out: self._images(monitor, frames, out)))
+        if cfg.eval.davis_root is not None:
+            hooks.append(Hook("DAVIS evaluation", cfg.eval.every, lambda _, __: self._evaluate()))
+        return hooks
+
+    def _check_replicas(self) -> dict[str, Any]:
+        """Raise if the ranks' weights differ; their CRCs for the metrics line."""
+        crcs = distributed.gather_objects(params_crc(self.model))
+        if len(set(crcs)) != 1:
+            raise RuntimeError(f"replicas diverged at step {self.step}: parameter CRCs {crcs}")
+        return {"replica_crc": crcs}
+
+    def _images(self, monitor: Monitor, frames: torch.Tensor, out: dict[str, Any]) -> dict[str, Any]:
+        """wandb images of the anchors, pseudo labels and assignment of clip 0 (main process)."""
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self.model)
-            model.eval()
-            e = self.cfg.eval
-            summary = evaluate_davis(model, e.davis_root, sequences=e.sequences, layer=e.layer, device=str(self.device),
-                                     input_size=e.input_size, context=e.context, radius=e.radius,
-                                     temperature=e.temperature, topk=e.topk)
-            model.train()
+            monitor.images(self.step, visualise(model, frames, out, self.cfg.loss.grid))
+        return {}
+
+    def _evaluate(self) -> dict[str, float]:
+        """DAVIS evaluation on the main process with the eval section's settings; keeps best.pt when J&F improves."""
+        from dulearn.evaluate import evaluate_davis
+
+        e, metrics = self.cfg.eval, {}
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            summary = evaluate_davis(model, e.davis_root, sequences=e.sequences, layer=e.layer,
+                                     device=str(self.device), input_size=e.input_size, context=e.context,
+                                     radius=e.radius, temperature=e.temperature, topk=e.topk)  # restores train mode
             metrics = {f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
             score = metrics.get("eval/J&F-Mean", -math.inf)
             if score > self.best_score:
                 self.best_score = score
                 save_best(self.run_dir, {"model": model.state_dict(), "config": self.cfg.to_dict(),
                                          "step": self.step, "score": score})
-        self.best_score = self._broadcast_score(self.best_score)
+        self.best_score = distributed.broadcast_object(self.best_score)  # part of every rank's state
         self.accelerator.wait_for_everyone()
         return metrics
-
-    def _broadcast_score(self, score: float) -> float:
-        """Rank 0's best score on every rank (it is saved in every rank's view of the state)."""
-        if self.world == 1:
-            return score
-        t = torch.tensor([score], dtype=torch.float64, device=self.device)
-        dist.broadcast(t, 0)
-        return float(t.item())
-
-    def run(self) -> dict[str, Any]:
-        """Train until schedule.total_steps or a checkpoint request; return how it ended."""
-        loader = iter(_build_loader(self.cfg, self.accelerator, self.step))
-        window: dict[str, float] = {}
-        consecutive, last_saved, status = 0, self.step, "finished"
-        while self.step < self.cfg.schedule.total_steps:
-            t0 = time.perf_counter()
-            batch = next(loader)
-            wait = time.perf_counter() - t0
-            frames = batch["frames"].to(self.device, non_blocking=True)  # [B,T,3,H,W] uint8
-            out, flags, grad_norm = self._train_step(frames, batch.get("skipped", 0))
-            nonfinite, stop = flags[0] > 0, flags[1] > 0
-            consecutive = consecutive + 1 if nonfinite else 0
-            self._accumulate(window, flags, nonfinite, wait, time.perf_counter() - t0, grad_norm)
-            self._log(window, frames, out, force=stop)
-            if consecutive >= self.cfg.train.max_nonfinite:
-                self._stop_nonfinite(consecutive)
-            if stop or self.step % self.cfg.train.checkpoint_every == 0:
-                self.save()
-                last_saved = self.step
-            if stop:
-                status = "checkpoint"
-                break
-        if last_saved != self.step:
-            self.save()
-        self.monitor.close()
-        path = checkpoint_dir(self.run_dir) / f"step_{self.step:08d}.pt"
-        self.accelerator.print(f"{status} at step {self.step}; checkpoint {path}")
-        return {"status": status, "step": self.step, "checkpoint": str(path), "run_dir": str(self.run_dir),
-                "nonfinite_steps": self.nonfinite_total,
-                "best_score": None if math.isinf(self.best_score) else self.best_score}
-
-    def _train_step(self, frames: torch.Tensor, skipped: int) -> tuple[dict[str, Any], list[float], float | None]:
-        """Forward, one all-reduce of flags and scalars, then update unless the loss is non-finite.
-
-        The reduced vector: [non-finite on any rank, checkpoint requested on any rank, skipped
-        samples, loss, st, cv, pseudo_entropy, anchors_used, pseudo_nearest_frac] (sums).
-        """
-        gen = step_generator(self.cfg.train.seed, self.step, self.rank, self.device)
-        out = self._forward(frames, gen)
-        flags = self._reduce([~torch.isfinite(out["loss"].detach()), float(_checkpoint_requested.is_set()),
-                              float(skipped), out["loss"], out["st"], out["cv"], out["pseudo_entropy"],
-                              out["anchors_used"], out["pseudo_nearest_frac"]])
-        grad_norm = None if flags[0] > 0 else self._update(out["loss"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.step += 1
-        self.nonfinite_total += int(flags[0] > 0)
-        return out, flags, grad_norm
-
-    def _log(self, window: dict[str, float], frames: torch.Tensor, out: dict[str, Any], force: bool) -> None:
-        """Progress bar every step; periodic checks/images/eval; a metrics line every log.every steps."""
-        n = window["n"]
-        self.monitor.step(window.get("last_loss", math.nan), self.cfg.train.batch_size * n / window["step_time_s"])
-        extra = self._periodic(frames, out)
-        if self.step % self.cfg.log.every == 0 or self.step == self.cfg.schedule.total_steps or force or extra:
-            self.monitor.log(self.step, {**self._summary(window), **extra})
-            window.clear()
-
-    def _stop_nonfinite(self, consecutive: int) -> None:
-        """Checkpoint the last good weights (skipped steps did not touch them) and raise."""
-        path = self.save()
-        raise NonFiniteLossError(
-            f"stopping at step {self.step}: {consecutive} non-finite losses in a row "
-            f"(train.max_nonfinite={self.cfg.train.max_nonfinite}); the weights were not updated by them "
-            f"and are saved in {path}; lower optim.lr or enable optim.grad_clip")
-
-    def _forward(self, frames: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
-        """Both branches and the dense loss of one batch (core library)."""
-        from dulearn.branches import training_loss
-
-        lc = self.cfg.loss
-        return training_loss(self.model, frames, generator=gen, scale_min=lc.scale_min, grid=lc.grid,
-                             cv_grid=lc.cv_grid, tau=lc.tau, cv_weight=lc.cv_weight)
-
-    def _update(self, loss: torch.Tensor) -> float | None:
-        """Backward, optional clipping, optimiser step; returns the gradient norm when clipping."""
-        self.accelerator.backward(loss)
-        grad_norm = None
-        if self.cfg.optim.grad_clip > 0:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
-        self.optimizer.step()
-        return grad_norm
-
-    def _accumulate(self, window: dict[str, float], flags: list[float], nonfinite: bool, wait: float,
-                    step_time: float, grad_norm: float | None) -> None:
-        """Add one step to the logging window (losses averaged over ranks and finite steps)."""
-        window["n"] = window.get("n", 0) + 1
-        window["skipped_samples"] = window.get("skipped_samples", 0) + flags[2]
-        window["data_wait_s"] = window.get("data_wait_s", 0) + wait
-        window["step_time_s"] = window.get("step_time_s", 0) + step_time
-        window["lr"] = self.lr
-        window["last_loss"] = flags[3] / self.world
-        if grad_norm is not None:
-            window["grad_norm"] = grad_norm
-        if nonfinite:
-            window["nonfinite"] = window.get("nonfinite", 0) + 1
-            return
-        window["finite"] = window.get("finite", 0) + 1
-        names = ("loss", "st", "cv", "pseudo_entropy", "anchors_used", "pseudo_nearest_frac")
-        for name, value in zip(names, flags[3:]):
-            window[name] = window.get(name, 0) + value / self.world
-
-    def _summary(self, window: dict[str, float]) -> dict[str, Any]:
-        """One metrics line from the window: means per step, sums of counts, throughput."""
-        n, finite = window["n"], window.get("finite", 0)
-        out: dict[str, Any] = {
-            name: window[name] / finite for name in ("loss", "st", "cv", "pseudo_entropy", "anchors_used",
-                                                     "pseudo_nearest_frac") if finite}
-        out.update({
-            "epoch": self.step / steps_per_epoch(self.cfg),
-            "lr": window["lr"],
-            "skipped_samples": int(window["skipped_samples"]),
-            "nonfinite_steps": int(window.get("nonfinite", 0)),
-            "nonfinite_total": self.nonfinite_total,
-            "data_wait_s": window["data_wait_s"] / n,
-            "step_time_s": window["step_time_s"] / n,
-            "data_wait_frac": window["data_wait_s"] / max(window["step_time_s"], 1e-12),
-            "clips_per_s": self.cfg.train.batch_size * n / max(window["step_time_s"], 1e-12),
-        })
-        if "grad_norm" in window:
-            out["grad_norm"] = window["grad_norm"]
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            out["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return out
-
-    def _periodic(self, frames: torch.Tensor, out: dict[str, Any]) -> dict[str, Any]:
-        """Replica check, wandb images and DAVIS evaluation when their step comes."""
-        cfg, extra = self.cfg, {}
-        every = cfg.train.check_replicas_every
-        if every > 0 and self.step % every == 0:
-            crcs = _gather_objects(params_crc(self.model), self.world)
-            if len(set(crcs)) != 1:
-                raise RuntimeError(f"replicas diverged at step {self.step}: parameter CRCs {crcs}")
-            extra["replica_crc"] = crcs
-        if cfg.log.wandb and cfg.log.image_every > 0 and self.step % cfg.log.image_every == 0:
-            model = self.accelerator.unwrap_model(self.model)
-            if self.accelerator.is_main_process:
-                self.monitor.images(self.step, visualise(model, frames, out, cfg.loss.grid))
-        if cfg.eval.davis_root is not None and self.step % cfg.eval.every == 0:
-            extra.update(self._evaluate())
-        return extra
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = "auto") -> dict[str, Any]:
@@ -446,6 +399,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = "auto") 
     Uses the torch.distributed environment (RANK, WORLD_SIZE, ...) when set, so a launcher can
     call it in-process. Stop signals are handled unless the host already installed handlers.
     """
+    setup_logging()
     previous = _install_signal_handlers()
     try:
         return Trainer(cfg, Path(run_dir), resume).run()

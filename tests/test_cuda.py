@@ -195,3 +195,23 @@ def test_propagation_on_cuda_equals_cpu(golden_dir):
         on_gpu = propagate(feats.to(CUDA, dtype), first.to(CUDA), **settings).cpu()
         agree = (on_gpu == on_cpu).float().mean().item()
         assert agree >= min_agree, f"{dtype}: CUDA and CPU masks agree on {agree:.4%} of pixels"
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_training_loop_waits_for_the_device_only_at_logging_steps(precision, tmp_path, monkeypatch):
+    """The real loop (clipping on; fp16 through the GradScaler) in sync-debug "error" mode on every
+    step but the first (one-time uploads) and the logging steps 4 and 8 (8 also checkpoints)."""
+    from loop_probe import run_probed, tiny_config, tiny_shards
+
+    cfg = tiny_config(tiny_shards(tmp_path / "shards"), **{
+        "train.mixed_precision": precision, "schedule.total_steps": 8, "log.every": 4,
+        "train.checkpoint_every": 8, "optim.grad_clip": 1.0})
+    checked = []
+
+    def on_step(k: int) -> None:
+        strict = k in (2, 3, 5, 6, 7)
+        checked.extend([k] if strict else [])
+        torch.cuda.set_sync_debug_mode("error" if strict else "default")
+
+    result = run_probed(cfg, tmp_path / "run", monkeypatch, on_step)
+    assert result["status"] == "finished" and checked == [2, 3, 5, 6, 7]

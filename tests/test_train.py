@@ -549,3 +549,32 @@ def test_replica_checksum_reads_channels_last_weights_in_logical_order() -> None
         weight = next(cl.parameters())
         weight[(0,) * weight.dim()] += 1e-3
     assert params_crc(cl) != params_crc(plain)
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_loop_reads_the_device_only_at_logging_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     one_thread: None) -> None:
+    """No tensor is read back on the host between logging steps (on a GPU each read waits for it).
+
+    Single process on the CPU, with clipping on: every call of a host-reading Tensor method
+    is counted per step (the stream's own work excluded). Only the logging steps 4 and 8 (8
+    also checkpoints) may read, and they must: the reduced window comes back in one tolist.
+    """
+    from loop_probe import run_probed, tiny_config, tiny_shards
+
+    cfg = tiny_config(tiny_shards(tmp_path / "shards"), **{
+        "schedule.total_steps": 8, "log.every": 4, "train.checkpoint_every": 8, "optim.grad_clip": 1.0})
+    step, reads = [0], {}
+    for name in HOST_READS:
+        def counted(self, *args, _name=name, _original=getattr(torch.Tensor, name), **kwargs):
+            if step[0]:
+                reads.setdefault(step[0], []).append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    result = run_probed(cfg, tmp_path / "run", monkeypatch, lambda k: step.__setitem__(0, k))
+    assert result["status"] == "finished" and result["step"] == 8
+    assert {k: v for k, v in reads.items() if k not in (4, 8)} == {}, reads
+    assert "tolist" in reads.get(4, []) and "tolist" in reads.get(8, []), reads
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [4, 8]
