@@ -5,8 +5,9 @@
 
 One task per GPU (with --gpus-per-node 0: one CPU process per node, gloo). Each task sets
 MASTER_ADDR (first host of the job), MASTER_PORT (from the job id), RANK, WORLD_SIZE and
-LOCAL_RANK from submitit's JobEnvironment and runs dulearn.train.train in-process; the global
-batch is the config's, whatever the number of nodes. SLURM sends USR2 --signal-delay seconds
+LOCAL_RANK through submitit's TorchDistributedEnvironment, logs with a [rank r/w] prefix to
+its own log file, and runs dulearn.train.train in-process; the global batch is the
+config's, whatever the number of nodes. SLURM sends USR2 --signal-delay seconds
 before the time limit (and on preemption where the cluster is set up so): submitit's
 checkpoint hook on rank 0 asks the trainer to save at the next step boundary, waits for the
 checkpoint, and requeues the job, which resumes from the run directory's latest checkpoint
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shlex
@@ -34,9 +36,10 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from dulearn.config import Config, ConfigError, load_config, validate
+from dulearn.fileio import atomic_write_bytes
 
 LAUNCH_LOG = "launch.json"  # run-dir record of job starts; requeues = restarts of a job id
-PORT_BASE, PORT_SPAN = 20000, 20000
+logger = logging.getLogger("dulearn.slurm")
 
 
 class LaunchError(RuntimeError):
@@ -53,30 +56,6 @@ class JobSpec:
     checkpoint_timeout_s: float  # how long the checkpoint hook waits for the trainer's save
 
 
-def master_port(job_id: str) -> int:
-    """A port derived from the job id: the same on every node and for every requeue of the job."""
-    digits = re.sub(r"\D", "", job_id) or "0"
-    return PORT_BASE + int(digits) % PORT_SPAN
-
-
-def distributed_env(env: submitit.JobEnvironment) -> dict[str, str]:
-    """torch.distributed's env:// variables for this task, from submitit's view of the job."""
-    return {
-        "MASTER_ADDR": env.hostnames[0],
-        "MASTER_PORT": str(master_port(env.job_id)),
-        "RANK": str(env.global_rank),
-        "WORLD_SIZE": str(env.num_tasks),
-        "LOCAL_RANK": str(env.local_rank),
-        "LOCAL_WORLD_SIZE": str(env.num_tasks // env.num_nodes),
-    }
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def read_launch_log(run_dir: str | Path) -> dict[str, Any]:
     """The run's job starts and requeue count ({"starts": [], "requeues": 0} for a new run)."""
     path = Path(run_dir) / LAUNCH_LOG
@@ -90,8 +69,7 @@ def record_start(run_dir: str | Path, env: submitit.JobEnvironment) -> dict[str,
                           "nodes": list(env.hostnames), "world_size": env.num_tasks})
     ids = [s["job_id"] for s in log["starts"]]
     log["requeues"] = len(ids) - len(set(ids))
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(Path(run_dir) / LAUNCH_LOG, log)
+    atomic_write_bytes(Path(run_dir) / LAUNCH_LOG, json.dumps(log, indent=1).encode())
     return log
 
 
@@ -115,16 +93,18 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.__init__(state["spec"])
 
     def __call__(self) -> dict[str, Any]:
+        from dulearn.distributed import export_slurm_env
+        from dulearn.logger import setup_logging
+
         env = submitit.JobEnvironment()
-        dist = distributed_env(env)
-        os.environ.update(dist)
+        dist = export_slurm_env()
+        setup_logging(all_ranks=True)  # each task has its own log file
         node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
-        print(f"dulearn.slurm: job {env.job_id} rank {dist['RANK']}/{dist['WORLD_SIZE']} local_rank "
-              f"{dist['LOCAL_RANK']} node {node} host {socket.gethostname()} master "
-              f"{dist['MASTER_ADDR']}:{dist['MASTER_PORT']}", flush=True)
+        logger.info(f"job {env.job_id} rank {dist.rank}/{dist.world_size} local_rank {dist.local_rank} node {node} "
+                    f"host {socket.gethostname()} master {dist.master_addr}:{dist.master_port}")
         if env.global_rank == 0:
             log = record_start(self.spec.run_dir, env)
-            print(f"dulearn.slurm: run dir {self.spec.run_dir}, requeues so far {log['requeues']}", flush=True)
+            logger.info(f"run dir {self.spec.run_dir}, requeues so far {log['requeues']}")
         # a daemon: if the checkpoint hook gives up waiting, submitit's exit must not wait for it
         self._thread = threading.Thread(target=self._train, name="dulearn-train", daemon=True)
         self._thread.start()
@@ -146,19 +126,19 @@ class TrainTask(submitit.helpers.Checkpointable):
         """submitit's USR2 hook (rank 0 only, no collectives): save, then requeue this task."""
         from dulearn.train import request_checkpoint
 
-        request_checkpoint()  # every rank learns it through the loop's per-step all-reduce
+        request_checkpoint()  # every rank learns it through the loop's per-step stop agreement
         if self._thread is not None:
             self._thread.join(timeout=self.spec.checkpoint_timeout_s)
             if self._thread.is_alive():
-                print(f"dulearn.slurm: no checkpoint within {self.spec.checkpoint_timeout_s:.0f} s; requeuing "
-                      "anyway (the job resumes from the latest periodic checkpoint)", flush=True)
+                logger.warning(f"no checkpoint within {self.spec.checkpoint_timeout_s:.0f} s; requeuing anyway "
+                               "(the job resumes from the latest periodic checkpoint)")
             else:
-                print(f"dulearn.slurm: trainer stopped: {self._outcome.get('result') or self._outcome}", flush=True)
+                logger.info(f"trainer stopped: {self._outcome.get('result') or self._outcome}")
         job_id = submitit.JobEnvironment().job_id
         requeues = sum(s["job_id"] == job_id for s in read_launch_log(self.spec.run_dir)["starts"]) - 1
         if requeues >= self.spec.max_requeues:
-            print(f"dulearn.slurm: not requeuing: job {job_id} was requeued {requeues} times (--max-requeues "
-                  f"{self.spec.max_requeues}); resubmit with the same --run-dir to continue", flush=True)
+            logger.warning(f"not requeuing: job {job_id} was requeued {requeues} times (--max-requeues "
+                           f"{self.spec.max_requeues}); resubmit with the same --run-dir to continue")
             return None
         return super().checkpoint()
 
