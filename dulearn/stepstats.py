@@ -2,14 +2,16 @@
 
 Per step the loop adds the loss terms and the step's non-finite flag to device tensors (no
 host sync) and its host timings to floats; `Window.summary` reduces the per-rank sums over
-all ranks in one all-reduce and copies everything to the host in one `.tolist()`. The
-non-finite flag is the same on every rank (the loop agrees on it before the update), so
-the step counts and runs need no reduction.
+all ranks in one all-reduce and copies everything to the host in one `.tolist()`, whose wait
+(the device still working off the window's steps) counts as step time. The non-finite flag
+is the same on every rank (the loop agrees on it before the update), so the step counts and
+runs need no reduction.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -104,11 +106,12 @@ class Window:
     def summary(self, nonfinite: NonFinite, batch_size: int, epoch: float) -> tuple[dict[str, Any], int]:
         """(the window's metrics: means per finite step over all ranks, counts, throughput; the
         longest run of non-finite steps in it). One all-reduce, one host sync."""
-        world = distributed.world_size()
+        world, start = distributed.world_size(), time.perf_counter()
         skipped = torch.tensor([self.skipped_samples], dtype=torch.float64).to(self.device)  # [1]
         reduced = distributed.reduce(torch.cat([self.sums, skipped]))  # [T+1] sums over ranks
         same = torch.stack([self.finite, self.longest_run, nonfinite.total, self.grad_norm])  # [4] equal on all ranks
         *sums, skipped_all, finite, longest, total, grad_norm = torch.cat([reduced, same]).tolist()
+        self.step_time_s += time.perf_counter() - start  # the device's backlog of the window's steps
         n, seconds = self.steps, max(self.step_time_s, 1e-12)
         out: dict[str, Any] = {name: s / world / finite for name, s in zip(LossTerms.names(), sums)} if finite else {}
         out.update({
