@@ -53,7 +53,7 @@ def mask_frame(text: str, source: VideoSource) -> tuple[int, Path]:
     if sep and (frame.isdigit() or frame in {f.stem for f in source.files}):
         return source.index(frame), Path(path)
     if sep and not Path(text).exists() and Path(path).is_file():
-        source.index(frame)  # names the frame that does not exist
+        raise InputError(f"--mask {text}: {source.path} has no frame {frame!r} (give a 0-based index or a frame file stem)")
     return 0, Path(text)
 
 
