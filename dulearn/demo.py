@@ -7,7 +7,8 @@ Synthetic: `dulearn.synthetic` videos (seed `--seed`) become shards, and held-ou
 (other seeds) with exact masks become a DAVIS-layout evaluation set. The network trains for
 `--steps` steps (or until `--minutes` have passed), then the trained network and the same
 network at its random initialisation segment the held-out sequences by label propagation;
-the demo prints J&F of both and the paths of the overlay videos. Everything lives under
+the demo prints J&F of both, the paths of the overlay videos and a ready `dulearn segment`
+command on one held-out video with the trained checkpoint. Everything lives under
 `--out`; a rerun with the same settings reuses the data and the finished run.
 """
 
@@ -18,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,7 +32,7 @@ import torch
 
 from dulearn import synthetic
 from dulearn.config import Config, load_config
-from dulearn.evaluate import evaluate_davis
+from dulearn.evaluate import davis_videos, evaluate_davis
 from dulearn.logger import setup_logging
 from dulearn.model import DenseNet, load_weights
 from dulearn.shard_format import INDEX_NAME
@@ -202,13 +205,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     limit = f"at most {a.minutes:g} min" if a.minutes > 0 else "no time limit"
     logger.info(f"training {a.steps} steps ({limit}) in {run_dir}")
     run = train_with_deadline(cfg, run_dir, a.minutes)
+    return evaluate_and_report(a, cfg, run, davis_root, device, start)
+
+
+def evaluate_and_report(a: argparse.Namespace, cfg: Config, run: dict[str, Any], davis_root: Path, device: str,
+                        start: float) -> dict[str, Any]:
+    """The demo's ending: J&F of both networks, the table, and a ready `dulearn segment` command."""
     logger.info(f"evaluating on {davis_root}")
     results = evaluate_both(networks(cfg, Path(run["checkpoint"])), davis_root, a.out / "eval", device,
                             a.eval_input_size)
     text = report(results, run, time.perf_counter() - start)
     print(text, flush=True)  # the result table: stdout, for a pipe
     (a.out / "eval" / "demo.json").write_text(json.dumps({"results": results, "run": run}, indent=2, default=str))
-    return {"results": results, "run": run, "report": text}
+    command = segment_command(davis_root, Path(run["checkpoint"]), a.out / "segment", device, a.eval_input_size)
+    print(f"segment a held-out video with the trained network (masks, overlay and side-by-side mp4):\n  {command}",
+          flush=True)
+    return {"results": results, "run": run, "report": text, "segment": command}
+
+
+def segment_command(root: Path, checkpoint: Path, out: Path, device: str, input_size: int) -> str:
+    """A ready `dulearn segment` command line: the first sequence of `root` with `checkpoint`, as the demo evaluated it."""
+    video = davis_videos(root)[0]
+    program = ["dulearn"] if shutil.which("dulearn") else [sys.executable, "-m", "dulearn"]
+    return shlex.join([*program, "segment", str(video.frames[0].parent.resolve()),
+                       "--mask", str(video.annotations[0].resolve()), "--checkpoint", str(checkpoint.resolve()),
+                       "--out", str((out / video.name).resolve()), "--input-size", str(input_size), "--device", device])
 
 
 if __name__ == "__main__":

@@ -12,14 +12,16 @@ periodic evaluation from the training loop.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pickle
 import sys
 import time
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,8 @@ from tqdm import tqdm
 from dulearn import davis, metrics
 from dulearn.checkpoint import load_latest
 from dulearn.model import LAYERS, DenseNet, feat_dim_of, load_weights
-from dulearn.propagate import propagate
+from dulearn.propagate import PropSettings, Propagator
+from dulearn.videoio import VideoSource, write_video
 from dulearn.views import normalize
 
 
@@ -87,28 +90,24 @@ def ytvos_videos(root: str | Path, videos: Sequence[str] | None = None) -> list[
 # ---------------------------------------------------------------- segmentation
 
 
-def _load_frames(video: Video) -> np.ndarray:
-    """All frames of a video -> uint8 [T,H,W,3]; a clear error if sizes differ."""
-    frames = [davis.load_frame(p) for p in video.frames]
-    for p, f in zip(video.frames, frames):
-        if f.shape != frames[0].shape:
-            raise ValueError(f"video {video.name!r}: frame {p} has size {f.shape[:2]}, the first frame {frames[0].shape[:2]}")
-    return np.stack(frames)
+def frame_source(video: Video) -> VideoSource:
+    """The video's frame files as a source that reads them one at a time."""
+    return VideoSource(video.frames[0].parent, tuple(video.frames), count=len(video.frames))
 
 
-def _load_annotations(video: Video, size: tuple[int, int], device: torch.device) -> dict[int, torch.Tensor]:
+def _load_annotations(video: Video, size: tuple[int, int]) -> dict[int, torch.Tensor]:
     """Annotation PNGs -> ids [H,W] by frame index; a clear error if a mask's size differs from the frames'."""
     out = {}
     for t, path in video.annotations.items():
         mask = davis.load_mask(path)
         if mask.shape != size:
             raise ValueError(f"video {video.name!r}: mask {path} has size {mask.shape}, its frames {size}")
-        out[t] = torch.from_numpy(mask).to(device)
+        out[t] = torch.from_numpy(mask)
     return out
 
 
 @torch.no_grad()
-def extract_features(model: DenseNet, frames: np.ndarray, *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, bar: tqdm | None = None) -> torch.Tensor:
+def extract_features(model: DenseNet, frames: np.ndarray, *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8) -> torch.Tensor:
     """uint8 frames [T,H,W,3] -> L2-normalised features [T,K,h,w] of `layer`, in batches of frames.
 
     input_size > 0 resizes so that the short side has that many pixels (the original's
@@ -125,22 +124,47 @@ def extract_features(model: DenseNet, frames: np.ndarray, *, layer: str = "res4"
             s = input_size / min(h, w)
             x = F.interpolate(x, (int(s * h), int(s * w)), mode="bilinear", align_corners=True)
         feats.append(model(x, layers=(layer,))[layer])  # [B,K,h,w]
-        if bar is not None:
-            bar.update(len(x))
     return torch.cat(feats)
 
 
-def segment(model: DenseNet, video: Video, *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, progress: bool = False, **prop_kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Segment one video -> (frames uint8 [T,H,W,3], predicted ids uint8 [T,H,W])."""
+def _batches(items: Iterable[np.ndarray], n: int) -> Iterator[list[np.ndarray]]:
+    """Consecutive lists of n items (the last may be shorter)."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def segment_frames(model: DenseNet, frames: Iterable[np.ndarray], masks: Mapping[int, torch.Tensor], *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, settings: PropSettings = PropSettings()) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Segment a stream of uint8 frames [H,W,3] -> (frame, ids uint8 [H,W]) in order, each as soon as it is final.
+
+    `masks` maps frame indices to annotations [H,W] (frame 0, then frames where new objects
+    appear). Features are extracted `batch_frames` at a time and pushed into a Propagator,
+    so memory holds only its context window and the frames waiting for their masks.
+    """
     device = torch.device(device)
-    frames = _load_frames(video)
-    masks = _load_annotations(video, frames.shape[1:3], device)
-    with tqdm(total=len(frames), desc=video.name, unit="frame", disable=not progress, leave=False) as bar:
-        feats = extract_features(model, frames, layer=layer, device=device, input_size=input_size, batch_frames=batch_frames, bar=bar)
-        bar.set_postfix_str("propagating")
-        later = {t: m for t, m in masks.items() if t > 0}
-        pred = propagate(feats, masks[0], later_masks=later, **prop_kwargs)
-    return frames, pred.cpu().numpy()
+    prop = Propagator(masks[0].to(device), later_masks={t: m.to(device) for t, m in masks.items() if t > 0}, settings=settings)
+    waiting: deque[np.ndarray] = deque()
+    for batch in _batches(frames, batch_frames):
+        waiting.extend(batch)
+        feats = extract_features(model, np.stack(batch), layer=layer, device=device, input_size=input_size, batch_frames=batch_frames)
+        for ids in prop.push(feats).cpu().numpy():
+            yield waiting.popleft(), ids
+    for ids in prop.finish().cpu().numpy():
+        yield waiting.popleft(), ids
+
+
+def segment(model: DenseNet, video: Video, *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, progress: bool = False, **prop_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one video -> (frames uint8 [T,H,W,3], predicted ids uint8 [T,H,W]); prop_kwargs are PropSettings fields."""
+    frames = frame_source(video).frames()
+    first = next(frames)
+    masks = _load_annotations(video, first.shape[:2])
+    out_frames, out_ids = [], []
+    with tqdm(total=len(video.frames), desc=video.name, unit="frame", disable=not progress, leave=False) as bar:
+        for frame, ids in segment_frames(model, itertools.chain([first], frames), masks, layer=layer, device=device, input_size=input_size, batch_frames=batch_frames, settings=PropSettings(**prop_kwargs)):
+            out_frames.append(frame)
+            out_ids.append(ids)
+            bar.update()
+    return np.stack(out_frames), np.stack(out_ids)
 
 
 # ---------------------------------------------------------------- outputs
@@ -151,27 +175,6 @@ def overlay(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
     colours = np.asarray(davis.DAVIS_PALETTE, dtype=np.float32).reshape(-1, 3)[masks]  # [T,H,W,3]
     alpha = np.where(masks[..., None] > 0, 0.55, 0.0).astype(np.float32)
     return (frames * (1 - alpha) + colours * alpha).round().astype(np.uint8)
-
-
-def write_video(path: Path, frames: np.ndarray, fps: int = 12) -> Path:
-    """uint8 frames [T,H,W,3] -> an H.264 mp4 (PyAV; even size) or, for a .gif path, a GIF."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gif":
-        from PIL import Image
-
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        return path
-    import av
-
-    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def write_masks(out_dir: Path, video: Video, pred: np.ndarray) -> list[Path]:
@@ -280,6 +283,15 @@ def _write_reports(out: Path, scores: metrics.Scores, summary: Mapping) -> None:
 # ---------------------------------------------------------------- model and CLI
 
 
+def _is_torch_file(path: Path) -> bool:
+    """A torch.save file: a zip archive (torch >= 1.6) or a legacy pickle that starts with torch's magic number."""
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            return True
+        f.seek(0)
+        return f.read(4) == b"\x80\x02\x8a\n"
+
+
 def _load_checkpoint_file(path: Path) -> Any:
     """A checkpoint file's contents; a run directory gives its latest usable checkpoint.
 
@@ -295,7 +307,9 @@ def _load_checkpoint_file(path: Path) -> Any:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if not _is_torch_file(path):
+            raise ValueError(f"{path} is not a torch checkpoint file") from None
         warnings.warn(f"{path} holds more than tensors; loading it with weights_only=False")
         return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -321,6 +335,19 @@ def build_model(checkpoint: str | Path | None = None, *, seed: int = 0, device: 
     return model.to(device).eval()
 
 
+def add_prop_arguments(ap: argparse.ArgumentParser) -> None:
+    """--context, --radius, --temperature, --topk with PropSettings' defaults (the paper's)."""
+    ap.add_argument("--context", type=int, default=PropSettings.context, help="previous frames in the context (default: %(default)s)")
+    ap.add_argument("--radius", type=float, default=PropSettings.radius, help="spatial radius (feature cells) on the previous frames (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=PropSettings.temperature, help="softmax temperature of the affinities (default: %(default)s)")
+    ap.add_argument("--topk", type=int, default=PropSettings.topk, help="neighbours whose labels are averaged (default: %(default)s)")
+
+
+def prop_settings(args: argparse.Namespace) -> PropSettings:
+    """The PropSettings of parsed add_prop_arguments options."""
+    return PropSettings(args.context, args.radius, args.temperature, args.topk)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m dulearn.evaluate", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="dulearn checkpoint (dict with 'model', 'config'), a run directory (its latest checkpoint) or an original-release .pth; none = random init")
@@ -333,10 +360,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--resolution", default="480p", help="DAVIS resolution folder")
     ap.add_argument("--input-size", type=int, default=0, help="resize frames to this short side before the network (0 = as stored)")
     ap.add_argument("--layer", default="res4", choices=LAYERS)
-    ap.add_argument("--context", type=int, default=20, help="previous frames in the context")
-    ap.add_argument("--radius", type=float, default=12, help="spatial radius (feature cells) on the previous frames")
-    ap.add_argument("--temperature", type=float, default=0.05)
-    ap.add_argument("--topk", type=int, default=10)
+    add_prop_arguments(ap)
     ap.add_argument("--batch-frames", type=int, default=8, help="frames per network forward pass")
     ap.add_argument("--video", default="mp4", choices=("mp4", "gif", "none"), help="overlay video per sequence")
     ap.add_argument("--out", required=True, help="output folder")
@@ -353,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = dict(
         layer=args.layer, device=args.device, input_size=args.input_size, batch_frames=args.batch_frames,
         video_format=None if args.video == "none" else args.video, progress=not args.no_progress,
-        context=args.context, radius=args.radius, temperature=args.temperature, topk=args.topk,
+        **asdict(prop_settings(args)),
     )
     if args.davis:
         summary = evaluate_davis(model, args.davis, sequences=seqs, split=args.split, resolution=args.resolution, out_dir=args.out, **kwargs)

@@ -11,12 +11,17 @@ top-k of the per-frame top-k candidates, so the result is the original algorithm
 
 Objects that first appear in a later frame (YouTube-VOS) start their own propagation
 (a "stream") there; the streams' predictions are merged as the original release does.
+
+`Propagator` takes the features a batch at a time and keeps only the frames still in
+reach (stream starts and the last `context` frames), so a video of any length propagates
+in bounded memory; `propagate` feeds it a whole feature tensor.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -164,20 +169,21 @@ def _global_topk(q: torch.Tensor, key: torch.Tensor, cfg: PropSettings) -> tuple
     return torch.cat(vals, 1), torch.cat(idx, 1)
 
 
-def _neighbours(feats: torch.Tensor, t0: int, t1: int, start: int, cfg: PropSettings, near: _Windows | _Dense | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax weights [T,hw,k] and flat label indices (frame*hw + pos) [T,hw,k] for query frames t0..t1-1.
+def _neighbours(q: torch.Tensor, t0: int, frames: Mapping[int, torch.Tensor], block_of: Callable[[int], int], start: int, cfg: PropSettings, near: _Windows | _Dense | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax weights [T,hw,k] and label rows (block*hw + pos) [T,hw,k] for query frames q [T,K,h,w] = t0..t0+T-1.
 
     The context of frame t has slot 0 = `start` (unrestricted) and slot d = max(t-d, start)
-    for d = 1..context (radius-restricted). Each key frame is scored once against all query
-    frames that use it, and its candidates are copied into every slot it fills (frames
-    repeated by the clamping count once per slot, as in the original).
+    for d = 1..context (radius-restricted). `frames` holds the features [K,h,w] of every frame
+    in reach, `block_of` maps a frame to its block of rows in the label buffer. Each key frame
+    is scored once against all query frames that use it, and its candidates are copied into
+    every slot it fills (frames repeated by the clamping count once per slot, as in the original).
     """
-    n_t, hw, k = t1 - t0, feats.shape[-2] * feats.shape[-1], cfg.topk
-    q = feats[t0:t1]  # [T,K,h,w]
-    vals = torch.full((n_t, hw, cfg.context + 1, k), float("-inf"), dtype=feats.dtype, device=feats.device)  # [T,hw,slots,k]
-    idx = torch.zeros(vals.shape, dtype=torch.long, device=feats.device)
-    v, p = _global_topk(q, feats[start], cfg)
-    vals[:, :, 0], idx[:, :, 0] = v, start * hw + p
+    n_t, hw, k = q.shape[0], q.shape[-2] * q.shape[-1], cfg.topk
+    t1 = t0 + n_t
+    vals = torch.full((n_t, hw, cfg.context + 1, k), float("-inf"), dtype=q.dtype, device=q.device)  # [T,hw,slots,k]
+    idx = torch.zeros(vals.shape, dtype=torch.long, device=q.device)
+    v, p = _global_topk(q, frames[start], cfg)
+    vals[:, :, 0], idx[:, :, 0] = v, block_of(start) * hw + p
     if near is not None:
         tiles = near.prepare(q)
         block = max(1, cfg.max_elems // near.elems)
@@ -185,21 +191,21 @@ def _neighbours(feats: torch.Tensor, t0: int, t1: int, start: int, cfg: PropSett
             ta, tb = max(t0, c + 1), min(t1, c + cfg.context + 1)  # query frames with c in their context
             if ta >= tb:
                 continue
-            v, p = near.local_topk(tiles, ta - t0, tb - t0, feats[c], cfg.temperature, k, block)  # [T',hw,k]
+            v, p = near.local_topk(tiles, ta - t0, tb - t0, frames[c], cfg.temperature, k, block)  # [T',hw,k]
             for j, t in enumerate(range(ta, tb)):
                 slots = slice(t - c, t - c + 1) if c > start else slice(t - start, cfg.context + 1)
                 vals[t - t0, :, slots] = v[j, :, None]
-                idx[t - t0, :, slots] = c * hw + p[j, :, None]
+                idx[t - t0, :, slots] = block_of(c) * hw + p[j, :, None]
     best, sel = vals.flatten(2).topk(k, dim=-1)  # joint top-k over all context positions [T,hw,k]
     return F.softmax(best, dim=-1), idx.flatten(2).gather(-1, sel)
 
 
-def _frame_chunk(feats: torch.Tensor, cfg: PropSettings) -> int:
+def _frame_chunk(h: int, w: int, cfg: PropSettings) -> int:
     """Query frames per batch: their context candidates [T,hw,context+1,k] fit `max_elems`.
 
     Larger batches share each key frame's window copy among more query frames.
     """
-    per_frame = feats.shape[-2] * feats.shape[-1] * (cfg.context + 1) * cfg.topk
+    per_frame = h * w * (cfg.context + 1) * cfg.topk
     return max(1, min(32, cfg.max_elems // per_frame))
 
 
@@ -211,7 +217,7 @@ def _one_hot(ids: torch.Tensor, channels: torch.Tensor, m: int, dtype: torch.dty
     return out
 
 
-def _starts(first_mask: torch.Tensor, later: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+def stream_starts(first_mask: torch.Tensor, later: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Frame -> the ids first seen in that frame's annotation (frame 0 first, then in order)."""
     known: set[int] = set()
     out = {}
@@ -223,62 +229,170 @@ def _starts(first_mask: torch.Tensor, later: Mapping[int, torch.Tensor]) -> dict
     return out
 
 
+class Propagator:
+    """Label propagation fed with features as they are computed; hands back each frame's ids once final.
+
+    It keeps only what later frames need: the features and soft labels of every stream's start
+    frame and of the last `context` frames, plus at most one chunk of pushed frames waiting for
+    a full batch of queries, so memory does not grow with the video. Frames are propagated in
+    the same chunks whatever the sizes of the pushed batches, so the masks do not depend on them;
+    `propagate` is this class fed with a whole feature tensor at once.
+    """
+
+    def __init__(self, first_mask: torch.Tensor, *, later_masks: Mapping[int, torch.Tensor] | None = None, settings: PropSettings = PropSettings()):
+        if first_mask.dim() != 2:
+            raise ValueError(f"first_mask must be [H,W] ids, got shape {tuple(first_mask.shape)}")
+        later = {int(t): m for t, m in (later_masks or {}).items()}
+        for t, m in later.items():
+            if t <= 0 or m.shape != first_mask.shape:
+                raise ValueError(f"later mask for frame {t}: expected a frame after 0 and shape {tuple(first_mask.shape)}, got shape {tuple(m.shape)}")
+        self.cfg, self.size = settings, tuple(first_mask.shape)
+        self.starts = stream_starts(first_mask, later)  # frame -> ids first seen there (where a stream starts)
+        masks = {0: first_mask, **later}
+        self._masks = {t: masks[t] for t in self.starts}
+        self.m = int(max(int(ids.max()) for ids in self.starts.values())) + 1
+        if self.m > 256:
+            raise ValueError(f"object ids must be < 256 (palette PNGs), got {self.m - 1}")
+        self.pushed = 0  # frames pushed so far
+        self._next = 0  # next frame to propagate
+        self._pending: list[torch.Tensor] = []  # pushed features [T,K,h,w] not propagated yet
+        self._frames: dict[int, torch.Tensor] = {}  # frame -> features [K,h,w] still in reach
+
+    def push(self, features: torch.Tensor) -> torch.Tensor:
+        """Features [T,K,h,w] of the next T frames -> ids [T',H,W] (uint8) of the frames now final (T' may differ from T)."""
+        out = []
+        self.pushed += len(features)
+        if self._next == 0 and len(features):
+            out.append(self._begin(features[0]))
+            features = features[1:]
+        if len(features):
+            self._pending.append(features)
+        while self._waiting() and self._waiting() >= self._chunk_len():
+            out.append(self._step(self._chunk_len()))
+        return self._cat(out)
+
+    def finish(self) -> torch.Tensor:
+        """Propagate the frames still waiting -> their ids [T',H,W] (uint8); warns about annotations never reached."""
+        if self.pushed == 0:
+            raise ValueError("no frames to propagate")
+        out = []
+        while self._waiting():
+            out.append(self._step(min(self._waiting(), self._chunk_len())))
+        past = sorted(t for t in self._masks if t >= self.pushed)
+        if past:
+            warnings.warn(f"annotations of frame(s) {past} were never reached: the video has {self.pushed} frames")
+        return self._cat(out)
+
+    @property
+    def held_frames(self) -> int:
+        """Frames whose features are held (in reach or waiting): at most context + a chunk + the last pushed batch + the stream starts."""
+        return len(self._frames) + self._waiting()
+
+    def _begin(self, feat0: torch.Tensor) -> torch.Tensor:
+        """Frame 0 [K,h,w]: set up the buffers and the first stream; returns frame 0's ids [1,H,W]."""
+        _, h, w = feat0.shape
+        cfg, dev, dt = self.cfg, feat0.device, feat0.dtype
+        if cfg.topk > h * w:
+            raise ValueError(f"topk={cfg.topk} exceeds the {h}x{w} feature grid")
+        self._masks = {t: m.to(dev) for t, m in self._masks.items()}
+        self.starts = {t: ids.to(dev) for t, ids in self.starts.items()}
+        self._grid, self._near, self._chunk = (h, w), _restriction(h, w, cfg, dev, dt), _frame_chunk(h, w, cfg)
+        self._ring = cfg.context + self._chunk  # blocks of recent frames in use at once: a chunk and its context
+        self._fixed = {s: self._ring + i for i, s in enumerate(self.starts)}  # start frames keep their own block
+        self._labels = torch.zeros(((self._ring + len(self.starts)) * h * w, self.m), dtype=dt, device=dev)  # [blocks*hw,M] soft labels
+        init0 = _resize(_one_hot(self._masks[0], self.starts[0], self.m, dt), (h, w))[0]  # [M,h,w]
+        self._set_labels(0, init0.flatten(1).T)
+        self._valid = {0: (init0.flatten(1).sum(-1) > 0).to(dt)}  # stream start -> [M] channels it predicts
+        self._frames[0] = feat0.clone()
+        self._next = 1
+        return self._output(0, 1)
+
+    def _block(self, t: int) -> int:
+        """Block of frame t in the label buffer: its own for a start frame, else a ring slot."""
+        return self._fixed.get(t, t % self._ring)
+
+    def _set_labels(self, t: int, labels: torch.Tensor) -> None:
+        hw = self._grid[0] * self._grid[1]
+        self._labels[self._block(t) * hw : (self._block(t) + 1) * hw] = labels  # [hw,M]
+
+    def _waiting(self) -> int:
+        return sum(len(p) for p in self._pending)
+
+    def _chunk_len(self) -> int:
+        """Frames of the next chunk: it ends at the next start frame, so a new stream predicts from the frame after it."""
+        t0 = self._next
+        return min(self._chunk, min((s + 1 for s in self.starts if s >= t0), default=t0 + self._chunk) - t0)
+
+    def _take(self, n: int) -> torch.Tensor:
+        """The next n pending frames' features [n,K,h,w] (a view when one pushed batch holds them)."""
+        parts, got = [], 0
+        while got < n:
+            p = self._pending[0][: n - got]
+            parts.append(p)
+            got += len(p)
+            self._pending[0] = self._pending[0][len(p) :]
+            if not len(self._pending[0]):
+                self._pending.pop(0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _step(self, n: int) -> torch.Tensor:
+        """Propagate the next n frames (one chunk) -> their ids [n,H,W]; forget frames out of reach."""
+        q = self._take(n)  # [T,K,h,w]
+        t0, t1 = self._next, self._next + n
+        (h, w), dt, labels = self._grid, q.dtype, self._labels
+        for j, t in enumerate(range(t0, t1)):
+            self._frames[t] = q[j].clone() if t in self.starts else q[j]
+        neigh = {s: _neighbours(q, t0, self._frames, self._block, s, self.cfg, self._near) for s in self._valid}
+        for j, t in enumerate(range(t0, t1)):
+            pred = sum(self._valid[s] * (wts[j, :, :, None] * labels[idx[j]]).sum(1) for s, (wts, idx) in neigh.items())  # [hw,M]
+            if t in self.starts:
+                new = _one_hot(self._masks[t], self.starts[t], self.m, dt)  # [1,M,H,W]
+                new_dn = _resize(new, (h, w))[0].flatten(1).T  # [hw,M]
+                cover = new_dn.sum(1, keepdim=True)  # [hw,1]
+                pred = (1 - cover) * pred + cover * new_dn
+                self._valid[t] = (new.flatten(2).sum(-1) > 0).to(dt)[0]
+            self._set_labels(t, pred)
+        self._next = t1
+        for c in [c for c in self._frames if c < t1 - self.cfg.context and c not in self.starts]:
+            del self._frames[c]
+        return self._output(t0, t1)
+
+    def _output(self, t0: int, t1: int) -> torch.Tensor:
+        """Ids [T,H,W] of frames t0..t1-1 from their soft labels."""
+        (h, w), hw = self._grid, self._grid[0] * self._grid[1]
+        blocks = torch.tensor([self._block(t) for t in range(t0, t1)], device=self._labels.device)
+        soft = self._labels.view(-1, hw, self.m)[blocks]  # [T,hw,M]
+        return _upsample_argmax(soft.view(-1, h, w, self.m).permute(0, 3, 1, 2), self.size, self.cfg)
+
+    def _cat(self, out: list[torch.Tensor]) -> torch.Tensor:
+        if out:
+            return torch.cat(out)
+        return torch.zeros((0, *self.size), dtype=torch.uint8, device=self._labels.device if self._next else "cpu")
+
+
 def propagate(
     features: torch.Tensor,
     first_mask: torch.Tensor,
     *,
-    context: int = 20,
-    radius: float = 12,
-    temperature: float = 0.05,
-    topk: int = 10,
+    context: int = PropSettings.context,
+    radius: float = PropSettings.radius,
+    temperature: float = PropSettings.temperature,
+    topk: int = PropSettings.topk,
     later_masks: Mapping[int, torch.Tensor] | None = None,
-    max_elems: int = 2**26,
+    max_elems: int = PropSettings.max_elems,
 ) -> torch.Tensor:
     """Propagate the first frame's ids [H,W] through features [N,K,h,w] -> ids [N,H,W] (uint8).
 
     `later_masks` maps a frame index to its annotation [H,W]; ids first seen there start
     their own propagation from that frame (YouTube-VOS). Computed in the features' dtype.
     """
-    cfg = PropSettings(context, float(radius), temperature, topk, max_elems)
-    n, _, h, w = features.shape
-    if first_mask.dim() != 2:
-        raise ValueError(f"first_mask must be [H,W] ids, got shape {tuple(first_mask.shape)}")
-    if topk > h * w:
-        raise ValueError(f"topk={topk} exceeds the {h}x{w} feature grid")
+    n = len(features)
     later = {int(t): m.to(features.device) for t, m in (later_masks or {}).items()}
-    for t, m in later.items():
-        if not 0 < t < n or m.shape != first_mask.shape:
-            raise ValueError(f"later mask for frame {t}: expected 0 < t < {n} and shape {tuple(first_mask.shape)}")
-    starts = _starts(first_mask.to(features.device), later)
-    masks = {0: first_mask.to(features.device), **later}
-    dtype, size = features.dtype, tuple(first_mask.shape)
-    m = int(max(int(ids.max()) for ids in starts.values())) + 1
-    if m > 256:
-        raise ValueError(f"object ids must be < 256 (palette PNGs), got {m - 1}")
-    near = _restriction(h, w, cfg, features.device, dtype)
-
-    hw = h * w
-    labels = torch.zeros((n * hw, m), dtype=dtype, device=features.device)  # [N*hw,M] soft labels
-    init0 = _resize(_one_hot(masks[0], starts[0], m, dtype), (h, w))[0]  # [M,h,w]
-    labels[:hw] = init0.flatten(1).T
-    valid = {0: (init0.flatten(1).sum(-1) > 0).to(dtype)}  # stream start -> [M] channels it predicts
-    chunk = _frame_chunk(features, cfg)
-    t0 = 1
-    while t0 < n:
-        # a chunk ends at the next start frame, so a new stream predicts from the frame after it
-        t1 = min(n, t0 + chunk, min((s + 1 for s in starts if s >= t0), default=n))
-        neigh = {s: _neighbours(features, t0, t1, s, cfg, near) for s in valid}
-        for j, t in enumerate(range(t0, t1)):
-            pred = sum(valid[s] * (wts[j, :, :, None] * labels[idx[j]]).sum(1) for s, (wts, idx) in neigh.items())
-            labels[t * hw : (t + 1) * hw] = pred  # [hw,M]
-            if t in starts:
-                new = _one_hot(masks[t], starts[t], m, dtype)  # [1,M,H,W]
-                new_dn = _resize(new, (h, w))[0].flatten(1).T  # [hw,M]
-                cover = new_dn.sum(1, keepdim=True)  # [hw,1]
-                labels[t * hw : (t + 1) * hw] = (1 - cover) * pred + cover * new_dn
-                valid[t] = (new.flatten(2).sum(-1) > 0).to(dtype)[0]
-        t0 = t1
-    return _upsample_argmax(labels.view(n, h, w, m).permute(0, 3, 1, 2), size, cfg)
+    for t in later:
+        if not 0 < t < n:
+            raise ValueError(f"later mask for frame {t}: expected 0 < t < {n}")
+    prop = Propagator(first_mask.to(features.device), later_masks=later, settings=PropSettings(context, float(radius), temperature, topk, max_elems))
+    return torch.cat([prop.push(features), prop.finish()])
 
 
 def _upsample_argmax(labels: torch.Tensor, size: tuple[int, int], cfg: PropSettings) -> torch.Tensor:

@@ -1,10 +1,21 @@
-"""The main job end to end on synthetic video: the trained network must beat its random init."""
+"""The main job end to end on synthetic video: the trained network must beat its random init; its segment command."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from dulearn import demo
+import numpy as np
+import pytest
+import torch
+
+from dulearn import davis, demo, synthetic
+from dulearn.checkpoint import save_checkpoint
+from dulearn.model import DenseNet
 
 # Half the demo's budget: its recipe (B=4, 128x128 crops, Adam 3e-4, bf16 where native)
 # for 300 steps instead of 600, without the time limit. On a 2-core CPU with AVX512-BF16
@@ -30,3 +41,31 @@ def test_trained_network_beats_its_random_init_on_held_out_sequences(tmp_path, c
     # a rerun with the same settings reuses data and run and reproduces the figures
     again = demo.main(["--out", str(tmp_path), *RECIPE])
     assert again["results"]["trained"]["J&F-Mean"] == trained
+
+
+def test_the_printed_segment_command_reproduces_the_demo_evaluation(tmp_path, capsys):
+    """The demo's ending (evaluation, table, command) on a small held-out set and a checkpoint as training writes it."""
+    a = demo.parser().parse_args(["--out", str(tmp_path), "--device", "cpu"])
+    root = tmp_path / "davis"
+    seq = synthetic.write_davis(root, sequences=2, frames=8, size=(64, 96), seed=a.seed + demo.EVAL_SEED_OFFSET)[0]
+    cfg = demo.make_config(a, tmp_path / "index.json", "cpu")
+    torch.manual_seed(1)
+    net = DenseNet(cfg.model.feat_dim, cfg.model.output_stride)
+    ckpt = save_checkpoint(tmp_path / "run", {"model": net.state_dict(), "config": cfg.to_dict(), "step": 0}, keep=1)
+    out = demo.evaluate_and_report(a, cfg, {"checkpoint": str(ckpt), "step": 0}, root, "cpu", time.perf_counter())
+    printed = capsys.readouterr().out.splitlines()
+    line = printed[[i for i, text in enumerate(printed) if text.startswith("[demo] segment")][0] + 1].strip()
+    assert line == out["segment"] and f"/{seq}/" in line
+
+    argv = shlex.split(line)
+    assert argv[argv.index("segment") - 1] == "dulearn" or argv[:3] == [sys.executable, "-m", "dulearn"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-m", "dulearn", *argv[argv.index("segment"):], "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = sorted((tmp_path / "segment" / seq / "masks").glob("*.png"))
+    theirs = sorted((tmp_path / "eval" / "trained" / "Annotations" / seq).glob("*.png"))
+    assert [p.name for p in ours] == [p.name for p in theirs] and len(ours) == 8
+    for p, q in zip(ours, theirs):
+        assert np.array_equal(davis.load_mask(p), davis.load_mask(q)), p.name
+    assert (tmp_path / "segment" / seq / "overlay.mp4").stat().st_size > 0

@@ -1,4 +1,4 @@
-"""Label propagation: the original implementation's masks on the golden cases, and later objects."""
+"""Label propagation: the original implementation's masks on the golden cases, later objects, streaming."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dulearn.propagate import propagate
+from dulearn import synthetic
+from dulearn.model import DenseNet
+from dulearn.propagate import PropSettings, Propagator, propagate
+from dulearn.views import normalize
 
 
 def _golden(golden_dir):
@@ -128,3 +131,63 @@ def test_bad_arguments():
         propagate(feats, torch.zeros(8, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="later mask"):
         propagate(feats, torch.zeros(8, 8, dtype=torch.long), topk=2, later_masks={1: torch.zeros(4, 4, dtype=torch.long)})
+
+
+def _streamed(feats, first, batches, **kw):
+    """Propagator fed with consecutive batches of the given sizes (the rest in the last one)."""
+    prop = Propagator(first, later_masks=kw.pop("later_masks", None), settings=PropSettings(**kw))
+    out, t = [], 0
+    for size in batches:
+        out.append(prop.push(feats[t : t + size]))
+        t += size
+    out.append(prop.push(feats[t:]))
+    out.append(prop.finish())
+    return torch.cat(out)
+
+
+def test_streaming_gives_the_batched_masks_on_the_golden_cases(golden_dir):
+    case = _golden(golden_dir)[0]
+    kw = {k: case[k] for k in ("context", "radius", "temperature", "topk")}
+    feats, first = case["features"], case["first_mask"]
+    for batches in ([1] * 29, [8, 8, 8], [2, 13, 1, 5]):
+        assert torch.equal(_streamed(feats, first, batches, **kw), case["masks"].to(torch.uint8)), batches
+    # later objects and small chunks (max_elems): chunk ends at the start frame whatever the batches
+    first2 = torch.where(first == 2, 0, first)
+    later = {7: torch.where(case["masks"][7].long() == 2, 2, 0)}
+    batched = propagate(feats, first2, later_masks=later, max_elems=120000, **kw)
+    for batches in ([1] * 29, [7, 1, 3]):
+        assert torch.equal(_streamed(feats, first2, batches, later_masks=later, max_elems=120000, **kw), batched), batches
+
+
+def test_streaming_on_a_synthetic_video_with_a_later_object():
+    """Random-init features of a rendered video: streamed = batched = the original algorithm, object 2 from frame 9."""
+    video = synthetic.make_video(3, 0, frames=30, size=(64, 96), objects=(2, 2))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x = normalize(torch.from_numpy(video.frames).permute(0, 3, 1, 2))  # [T,3,H,W]
+        feats = DenseNet().eval()(x, layers=("res4",))["res4"].double()  # [T,512,8,12]
+    masks = torch.from_numpy(video.masks).long()
+    first, later = torch.where(masks[0] == 2, 0, masks[0]), {9: torch.where(masks[9] == 2, 2, 0)}
+    assert (later[9] == 2).any()
+    kw = dict(context=6, radius=4, topk=5)
+    batched = propagate(feats, first, later_masks=later, **kw)
+    assert torch.equal(batched, reference_propagate(feats, first, later_masks=later, **kw))
+    for batches in ([1] * 30, [10, 10]):
+        assert torch.equal(_streamed(feats, first, batches, later_masks=later, **kw), batched), batches
+    assert not (batched[:9] == 2).any() and (batched[9:] == 2).any()
+
+
+def test_streaming_holds_a_bounded_window():
+    """However long the video, the propagator holds the context window, a chunk or two and the start frames."""
+    torch.manual_seed(2)
+    settings = PropSettings(context=5, radius=3, topk=4, max_elems=6000)  # chunks of 5 frames on a 6x8 grid
+    prop = Propagator(torch.zeros(24, 32, dtype=torch.long).index_fill_(0, torch.arange(8), 1), settings=settings)
+    held, done = [], 0
+    for _ in range(300):
+        done += len(prop.push(F.normalize(torch.randn(1, 4, 6, 8), dim=1)))
+        held.append(prop.held_frames)
+    done += len(prop.finish())
+    assert done == 300
+    chunk = prop._chunk
+    assert chunk == 5 and max(held) <= settings.context + 2 * chunk + 1, max(held)
+    assert prop._labels.shape[0] == (settings.context + chunk + 1) * 6 * 8  # a fixed ring of soft labels

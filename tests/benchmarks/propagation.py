@@ -43,7 +43,7 @@ def bench_prop(device: str, frames: int, ref_frames: int) -> None:
     """Propagation frames/s, dulearn vs the per-frame original algorithm, identical masks."""
     video = evaluate.davis_videos(DATA / "davis-multi", ["motocross-jump"])[0]
     video.frames = video.frames[:frames]
-    images = evaluate._load_frames(video)
+    images = np.stack(list(evaluate.frame_source(video).frames()))
     torch.manual_seed(0)
     model = DenseNet().to(device).eval()
     feats = evaluate.extract_features(model, images, device=device)  # [N,512,60,107]
