@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "metrics", "segment", "shards", "demo"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "metrics", "segment", "demo"])
 def test_every_command_prints_its_own_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
@@ -25,8 +25,18 @@ def test_every_command_prints_its_own_help(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: ")
     expected = {"train": "--config", "evaluate": "--davis", "metrics": "--results", "segment": "--mask",
-                "shards": "--short-side", "demo": "--steps"}[command]
+                "demo": "--steps"}[command]
     assert expected in out, out
+
+
+def test_shards_command_runs_the_builder_in_its_own_process():
+    """dulearn never imports the shard builder (it depends on dulearn): `dulearn shards` starts it."""
+    done = subprocess.run([sys.executable, "-m", "dulearn", "shards", "--help"], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: ") and "--short-side" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, "-m", "dulearn", "shards", "videos", "/no/such/folder", "--out",
+                           "/tmp/never"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "/no/such/folder" in done.stderr, done.stderr
 
 
 def test_python_m_dulearn_lists_the_commands_and_runs_them():

@@ -54,7 +54,7 @@ def test_the_printed_segment_command_reproduces_the_demo_evaluation(tmp_path, ca
     ckpt = save_checkpoint(tmp_path / "run", {"model": net.state_dict(), "config": cfg.to_dict(), "step": 0}, keep=1)
     out = demo.evaluate_and_report(a, cfg, {"checkpoint": str(ckpt), "step": 0}, root, "cpu", time.perf_counter())
     printed = capsys.readouterr().out.splitlines()
-    line = printed[[i for i, text in enumerate(printed) if text.startswith("[demo] segment")][0] + 1].strip()
+    line = printed[[i for i, text in enumerate(printed) if text.startswith("segment a held-out video")][0] + 1].strip()
     assert line == out["segment"] and f"/{seq}/" in line
 
     argv = shlex.split(line)
