@@ -35,7 +35,6 @@ class DataConfig:
     crop: int = 256
     crop_mode: str = "random"  # random | center
     hflip: bool = False
-    shuffle_buffer: int = 1000
     num_workers: int = 4
     videos_per_epoch: int = 0  # documentation of the epoch: one clip per training video
     steps_per_epoch: int = 0  # 0 = ceil(videos_per_epoch / train.batch_size)
@@ -217,8 +216,15 @@ def _field_types(section: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(section))
 
 
+# Keys that existed once: an error that says what replaced them rather than "unknown key".
+REMOVED = {"data.shuffle_buffer": "the stream draws distinct videos per global batch from per-epoch "
+                                  "permutations (dulearn.sampler); there is no shuffle buffer any more: delete it"}
+
+
 def set_value(cfg: Config, key: str, value: Any) -> None:
     """Set `section.name` to `value` converted to the field's type; unknown keys raise."""
+    if key in REMOVED:
+        raise ConfigError(f"config key {key}: removed: {REMOVED[key]}")
     parts = key.split(".")
     sections = _field_types(cfg)
     if len(parts) != 2 or parts[0] not in sections:

@@ -1,45 +1,44 @@
-"""The training stream: webdataset clip shards -> uint8 batches [B,T,3,H,W] on CPU workers.
+"""The training stream: clip shards -> uint8 batches [B,T,3,H,W] on CPU workers.
 
-Design (what makes it deterministic, resumable and DDP-safe):
+Design (what makes it deterministic, resumable, DDP-safe and cheap to read):
 
-- Lanes. Each rank runs ``max(1, num_workers)`` lanes (one per DataLoader worker); the
-  ``world_size * lanes`` global lanes split every source's shards without overlap. In data
-  epoch e the shards (split into parts when there are fewer shards than lanes) are permuted
-  with a generator seeded by (seed, source, e), the same on every rank, and dealt to the
-  lanes round-robin. A lane walks its shards, then moves on to the next data epoch.
-- Steps. Global step t is served by lane ``t % lanes`` of each rank (the DataLoader's
-  round-robin over its workers then yields steps in order); the stream is infinite, so
-  every rank yields the same number of batches however uneven the shards are.
-- Shuffle buffer. Per lane and source, a reservoir of ``shuffle_buffer`` clips whose random
-  draws depend only on the lane's seed, never on clip contents.
-- Augmentation. A clip's random choices (frame start and permutation, short side, crop,
-  flip) come from a generator seeded by (seed, source, data epoch, shard, sample): they
-  depend on which clip it is, not on when or where it is decoded.
-- Resume granularity: one batch. ``start_step=s`` replays lane bookkeeping for steps < s
-  from the shard clip counts (index.json, or a scan of tar headers when there is none),
-  without decoding anything, then reads only the clips left in the shuffle buffer and the
-  rest of the current shard, so batch s equals batch s of an uninterrupted run with the
-  same sources, seed, batch_size, shuffle_buffer, num_workers and world_size.
+- Videos, not clips, are drawn (dulearn.sampler): every global batch (all ranks) holds
+  distinct videos, walked in seeded per-epoch permutations; rank r takes slots
+  r*B .. r*B+B-1 of the global batch. Of a drawn video, one clip is chosen with probability
+  proportional to its number of valid start frames, then T frames at the frame gap from a
+  random start (as the original samples T frames of a video).
+- Reads by byte range (dulearn.storage): a clip costs one read of its json (which lists its
+  frames' sizes), then one read of its T chosen frames (nearby members joined). Where a clip
+  is comes from samples.json beside the shards, or from a one-time scan of their tar headers
+  (older builds, bare tars). ``read_bytes``/``frame_bytes`` of every batch measure the
+  read amplification.
+- Steps. Global step t is served by DataLoader worker ``t % workers`` of each rank (the
+  DataLoader's round-robin then yields steps in order); the stream is infinite.
+- Augmentation. A clip's random choices (clip, frame start and permutation, short side,
+  crop, flip) come from a generator seeded by (seed, source, position of the draw in the
+  source's walk): they depend on which draw it is, not on when or where it is decoded.
+- Resume granularity: one batch. Batch t is a function of t alone (and of the sources,
+  seed, batch size and world size), so ``start_step=s`` starts at batch s with nothing to
+  replay; the number of workers does not change the batches.
 - Geometry. One short side in [lo, hi) and one crop box per clip (as the original's
   MaskScaleSmallest + crop); only the crop region of each frame is resized (the box mapped
   back to source pixels), which equals resize-then-crop up to a sub-pixel shift at a
-  fraction of the cost. Sources without an index.json (``pipe:``, URLs, bare tars) have
-  their clips counted once by reading them; give object stores an index.json.
-- Corrupt clips (bad JPEG, missing frames, too few frames, bad json) are counted in the
-  batch's ``skipped`` and replaced by another clip of the same batch (re-augmented), which
-  keeps the stream position, and therefore resume, exact. Only if every clip of a batch is
-  corrupt does the lane read further clips, which shifts that lane's later batches.
+  fraction of the cost.
+- Corrupt clips (bad JPEG, missing frames, too few frames, bad json, a truncated shard) are
+  counted in the batch's ``skipped`` and replaced by a re-augmented copy of a good clip of
+  the same batch, which keeps the stream position, and therefore resume, exact. If every
+  clip of a batch is corrupt, further videos are tried (seeded by the step). Storage
+  errors (a server down after retries) are not corrupt clips: they raise StorageError.
 """
 
 from __future__ import annotations
 
-import warnings
-import itertools
+import json
 import math
 import os
 import random
-from collections import Counter
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -50,58 +49,119 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from dulearn.shard_format import (INDEX_NAME, count_samples, is_remote, iter_samples, read_index, sample_frames,
+from dulearn import storage
+from dulearn.sampler import Draw, VideoSampler
+from dulearn.shard_format import (BLOCK, SAMPLES_NAME, ShardSamples, is_remote,
+                                  json_data_offset, member_offsets, parse_index, parse_samples, scan_samples,
                                   shard_url)
 
 # torchvision's JPEG codec (libjpeg-turbo) is the fast path here; silence its per-call notice.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
-__all__ = ["build_train_loader", "TrainStream", "resolve_source", "sample_frame_ids"]
+__all__ = ["build_train_loader", "TrainStream", "resolve_source", "load_source", "sample_frame_ids"]
 
-_UNLOADED = object()
+FILL_TRIES = 64  # videos tried for a batch whose clips are all corrupt
 
 
-# ----------------------------------------------------------------------------- shards
+# ----------------------------------------------------------------------------- sources
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One tar shard: where it is and how many clips it holds (None = unknown, scanned)."""
+    """One tar shard: where it is and how many clips it holds (None = unknown until scanned)."""
 
     url: str
     count: int | None = None
 
 
-def _index_shards(path: Path) -> list[Shard]:
-    """The shards listed by an index.json, relative names resolved against its folder."""
-    return [Shard(shard_url(path, s.name), s.clips) for s in read_index(path).shards]
+def _folder(url: str) -> str:
+    return url.rsplit("/", 1)[0] if is_remote(url) else str(Path(url).parent)
 
 
-def _counts_beside(urls: list[str]) -> dict[str, int]:
-    """Clip counts from index.json files next to local shards, when there are any."""
-    counts: dict[str, int] = {}
-    for folder in {str(Path(u).parent) for u in urls if not is_remote(u)}:
-        index = Path(folder) / INDEX_NAME
-        if index.exists():
-            counts.update({s.url: s.count for s in _index_shards(index)})
-    return counts
+def _index_shards(where: str) -> list[Shard]:
+    """The shards listed by an index.json (local path or URL), names resolved against its folder."""
+    data = storage.read_all(where) if is_remote(where) else Path(where).read_bytes()
+    return [Shard(shard_url(where, s.name), s.clips) for s in parse_index(data, where).shards]
 
 
 def resolve_source(source: str | os.PathLike | Sequence[str]) -> list[Shard]:
-    """Shards of an index.json path, a brace pattern, a URL/``pipe:`` or a list of those."""
+    """Shards of an index.json (path or URL), a brace pattern, a URL or a list of those."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str):
         return [s for item in source for s in resolve_source(item)]
-    if source.endswith(".json") and not is_remote(source):
-        return _index_shards(Path(source))
-    urls = list(braceexpand(source))
-    counts = _counts_beside(urls)
-    shards = [Shard(u, counts.get(u)) for u in urls]
+    if source.startswith("pipe:"):
+        raise ValueError(f"{source}: pipe: sources cannot be read by byte range; serve the shards over "
+                         "http(s):// or s3:// (see the README, 'Shards in a bucket')")
+    if source.endswith(".json"):
+        if not is_remote(source) and not Path(source).exists():
+            raise FileNotFoundError(f"shard index not found: {source}")
+        return _index_shards(source)
+    shards = [Shard(u) for u in braceexpand(source)]
     missing = [s.url for s in shards if not is_remote(s.url) and not Path(s.url).exists()]
     if missing:
         raise FileNotFoundError(f"shard not found: {missing[0]}")
     return shards
+
+
+def _samples_beside(folder: str) -> dict[str, ShardSamples] | None:
+    """The samples.json of a shard folder, or None when there is none."""
+    where = f"{folder}/{SAMPLES_NAME}" if is_remote(folder) else str(Path(folder) / SAMPLES_NAME)
+    if not storage.exists(where):
+        return None
+    data = storage.read_all(where) if is_remote(where) else Path(where).read_bytes()
+    return parse_samples(data, where)
+
+
+@dataclass
+class SourceTable:
+    """Every clip of one source and its videos: where each clip is and how many frames it has."""
+
+    urls: list[str]
+    shard: np.ndarray  # [C] shard index of each clip
+    offset: np.ndarray  # [C] json member's header offset (-1: no json)
+    json_bytes: np.ndarray  # [C]
+    frames: np.ndarray  # [C] frames of each clip
+    video_clips: list[np.ndarray]  # per video: its clips (indices into the columns)
+    frame_data: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # clip -> frames, scanned shards
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.video_clips)
+
+
+def load_source(shards: list[Shard]) -> SourceTable:
+    """The clip table of a source: samples.json where the build wrote one, else a scan of each shard."""
+    beside: dict[str, dict[str, ShardSamples] | None] = {}
+    cols: dict[str, list[int]] = {k: [] for k in ("shard", "offset", "json_bytes", "frames", "video")}
+    frame_data: dict[int, list[tuple[int, int]]] = {}
+    videos: dict[tuple[str, int], int] = {}
+    for i, shard in enumerate(shards):
+        folder = _folder(shard.url)
+        if folder not in beside:
+            beside[folder] = _samples_beside(folder)
+        name = shard.url.rsplit("/", 1)[-1]
+        table = (beside[folder] or {}).get(name)
+        if table is None:
+            table = scan_samples(shard.url)
+        for j in range(len(table.video)):
+            clip = len(cols["shard"])
+            key = (folder, table.video[j]) if table.video[j] >= 0 else ("", -1 - clip)  # unnamed: own video
+            cols["video"].append(videos.setdefault(key, len(videos)))
+            cols["shard"].append(i)
+            for c in ("offset", "json_bytes", "frames"):
+                cols[c].append(getattr(table, c)[j])
+            if table.frame_data is not None:
+                frame_data[clip] = table.frame_data[j]
+    if not cols["shard"]:
+        raise ValueError(f"no clips in source {shards[0].url if shards else '(no shards)'}"
+                         + (f" ... ({len(shards)} shards)" if len(shards) > 1 else ""))
+    video = np.asarray(cols["video"], dtype=np.int64)  # [C]
+    order = np.argsort(video, kind="stable")
+    bounds = np.flatnonzero(np.diff(video[order])) + 1
+    return SourceTable([s.url for s in shards], *(np.asarray(cols[c], dtype=np.int64) for c in
+                                                   ("shard", "offset", "json_bytes", "frames")),
+                       np.split(order, bounds), frame_data)
 
 
 # ----------------------------------------------------------------------------- clips
@@ -142,15 +202,6 @@ class _Augment:
     crop: tuple[int, int]
     center: bool
     hflip: bool
-
-
-def _prepare(name: str, sample: dict[str, bytes] | None, rng: random.Random, aug: _Augment) -> _Clip | None:
-    """Choose the clip's frames and keep only their JPEG bytes (None if unusable)."""
-    frames = None if sample is None else sample_frames(sample)
-    if frames is None:
-        return None
-    ids = sample_frame_ids(len(frames), aug.clip_len, aug.frame_gap, rng)
-    return None if ids is None else _Clip(rng, [frames[i] for i in ids], name)
 
 
 def _resized_size(h: int, w: int, short: int) -> tuple[int, int]:
@@ -200,134 +251,116 @@ def decode_clip(clip: _Clip, aug: _Augment, out: torch.Tensor) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------- lanes
+# ----------------------------------------------------------------------------- reading
 
 
-class _Lane:
-    """One lane's view of one source: its shards per data epoch, read through a shuffle buffer."""
+def _starts(n: int, aug: "_Augment") -> int:
+    """How many start frames sample_frame_ids can draw in a clip of n frames (0: too short)."""
+    if n < aug.clip_len:
+        return 0
+    window = min(n, aug.frame_gap * aug.clip_len)
+    gap = window // aug.clip_len
+    return n - gap * (aug.clip_len - 1)
 
-    def __init__(self, shards: list[Shard], src: int, lane: int, lanes: int, seed: int,
-                 buffer_size: int, aug: _Augment):
-        self.shards, self.src, self.lane, self.lanes, self.seed = shards, src, lane, lanes, seed
-        self.aug = aug
-        self.parts = math.ceil(lanes / len(shards))
-        self.size = max(1, buffer_size)
-        self.buffer: list[list] = []  # [ref, payload]
-        self.rng = random.Random(f"{seed}/{src}/{lane}/buffer")
-        self.refs = self._refs()
-        self.reader: tuple[int, int, Iterator] | None = None  # (epoch, shard, iterator) being read
-        self.reader_pos = 0
-        self.counts: dict[int, int] = {}
 
-    def _count(self, i: int) -> int:
-        if i not in self.counts:
-            self.counts[i] = self.shards[i].count if self.shards[i].count is not None else count_samples(
-                self.shards[i].url)
-        return self.counts[i]
+def _frame_locations(table: SourceTable, clip: int, url: str) -> list[tuple[int, int]] | None:
+    """(data offset, size) of each frame of a clip: from the scan, or from the clip's json (one read)."""
+    offset, size = int(table.offset[clip]), int(table.json_bytes[clip])
+    located = table.frame_data.get(clip)
+    if offset < 0:
+        return located
+    data = storage.read_ranges(url, [(json_data_offset(offset), size)])[0]
+    try:
+        meta = json.loads(data)
+        n, sizes = meta["num_frames"], meta.get("frame_bytes")
+    except (ValueError, KeyError, TypeError):
+        return None
+    if located is not None:
+        return located if n == len(located) else None
+    if not isinstance(sizes, list) or len(sizes) != n:
+        return None
+    return list(zip(member_offsets(offset, size, sizes), sizes))
 
-    def _refs(self) -> Iterator[tuple[int, int, int]]:
-        """(data epoch, shard, sample) in this lane's reading order, forever."""
-        for epoch in itertools.count():
-            units = [(i, p) for i in range(len(self.shards)) for p in range(self.parts)]
-            order = np.random.default_rng([self.seed, self.src, epoch]).permutation(len(units))
-            empty = True
-            for u in order[self.lane::self.lanes]:
-                i, p = units[u]
-                for j in range(p, self._count(i), self.parts):
-                    empty = False
-                    yield epoch, i, j
-            if empty and sum(self._count(i) for i in range(len(self.shards))) == 0:
-                raise ValueError(f"no clips in source {self.src} ({self.shards[0].url} ...)")
 
-    def _load(self, ref: tuple[int, int, int]) -> _Clip | None:
-        """Read sample ``ref`` from the open shard reader (reopening it if needed)."""
-        epoch, i, j = ref
-        if self.reader is None or self.reader[:2] != (epoch, i) or self.reader_pos > j:
-            self.reader = (epoch, i, iter_samples(self.shards[i].url))
-            self.reader_pos = 0
-        key, sample = f"#{j}", None
-        for k, s in self.reader[2]:
-            self.reader_pos += 1
-            if self.reader_pos - 1 == j:
-                key, sample = k, s
-                break
-        name = f"{self.shards[i].url.rsplit('/', 1)[-1]}/{key}"
-        return _prepare(name, sample, self._clip_rng(ref), self.aug)
-
-    def _clip_rng(self, ref: tuple[int, int, int]) -> random.Random:
-        return random.Random(f"{self.seed}/{self.src}/{ref[0]}/{ref[1]}/{ref[2]}")
-
-    def next(self, load: bool = True) -> _Clip | None:
-        """The next clip out of the shuffle buffer (bookkeeping only when ``load`` is False)."""
-        while len(self.buffer) < self.size:
-            ref = next(self.refs)
-            self.buffer.append([ref, self._load(ref) if load else _UNLOADED])
-        ref = next(self.refs)
-        slot = self.rng.randrange(self.size)
-        out = self.buffer[slot]
-        self.buffer[slot] = [ref, self._load(ref) if load else _UNLOADED]
-        return out[1] if load else None
-
-    def materialize(self) -> None:
-        """After a fast-forward: read the clips still in the buffer, shard by shard."""
-        pending = sorted((item[0], n) for n, item in enumerate(self.buffer) if item[1] is _UNLOADED)
-        self.reader = None
-        for ref, n in pending:
-            self.buffer[n][1] = self._load(ref)
-        self.reader = None
+def read_clip(table: SourceTable, draw: Draw, aug: "_Augment", seed: int) -> tuple[_Clip | None, int]:
+    """Choose a clip of the drawn video and read its T frames; (clip or None if corrupt, JPEG bytes)."""
+    rng = random.Random(f"{seed}/{draw.source}/{draw.position}")
+    clips = table.video_clips[draw.video]
+    weights = [_starts(int(table.frames[c]), aug) for c in clips]
+    if not any(weights):
+        return None, 0
+    clip = int(clips[rng.choices(range(len(clips)), weights)[0]]) if len(clips) > 1 else int(clips[0])
+    url = table.urls[int(table.shard[clip])]
+    located = _frame_locations(table, clip, url)
+    if located is None:
+        return None, 0
+    first = int(table.offset[clip]) if table.offset[clip] >= 0 else located[0][0] - BLOCK if located else -1
+    name = f"{url.rsplit('/', 1)[-1]}@{first}"  # the shard and the offset of the clip's first member
+    ids = sample_frame_ids(len(located), aug.clip_len, aug.frame_gap, rng)
+    if ids is None:
+        return None, 0
+    jpegs = storage.read_ranges(url, [located[i] for i in ids])
+    if any(len(b) != located[i][1] for b, i in zip(jpegs, ids)):
+        return None, 0  # a truncated shard
+    return _Clip(rng, jpegs, name), sum(len(b) for b in jpegs)
 
 
 # ----------------------------------------------------------------------------- stream
 
 
-class _LaneDataset(IterableDataset):
-    """Per DataLoader worker: the batches of one lane, from ``start_step`` on."""
+class _StepDataset(IterableDataset):
+    """Per DataLoader worker: this rank's batches of every ``workers``-th step from ``start_step``."""
 
     def __init__(self, stream: "TrainStream"):
         self.s = stream
-
-    def _slot_sources(self, step: int) -> list[int]:
-        """Which source each slot of a batch draws from (a function of the step only)."""
-        s = self.s
-        if len(s.sources) == 1:
-            return [0] * s.batch_size
-        rng = np.random.default_rng([s.seed, 1, step])
-        return rng.choice(len(s.sources), size=s.batch_size, p=s.weights).tolist()
 
     def __iter__(self) -> Iterator[dict]:
         s = self.s
         info = get_worker_info()
         nw = max(1, s.num_workers)
+        sampler = VideoSampler([t.num_videos for t in s.tables], s.weights, s.batch_size * s.world_size, s.seed)
         first = s.start_step + (info.id if info else 0)
-        local = first % nw
-        lanes = [_Lane(sh, k, s.rank * nw + local, s.world_size * nw, s.seed, s.shuffle_buffer, s.aug)
-                 for k, sh in enumerate(s.sources)]
-        done = Counter(src for t in range(local, first, nw) for src in self._slot_sources(t))
-        for k, n in done.items():
-            for _ in range(n):
-                lanes[k].next(load=False)
-        for lane in lanes:
-            lane.materialize()
-        for step in itertools.count(first, nw):
-            yield self._batch(step, lanes)
+        step = first
+        while True:
+            yield self._batch(step, sampler)
+            step += nw
 
-    def _batch(self, step: int, lanes: list[_Lane]) -> dict:
-        aug = self.s.aug
-        clips = [(lanes[k].next(), k) for k in self._slot_sources(step)]
-        frames = torch.empty(len(clips), aug.clip_len, 3, *aug.crop, dtype=torch.uint8)  # [B,T,3,H,W]
-        ok = [c is not None and decode_clip(c, aug, frames[i]) for i, (c, _) in enumerate(clips)]
-        skipped = ok.count(False)
-        while not any(ok):  # every clip corrupt: read on (shifts this lane, see module doc)
-            c = lanes[clips[0][1]].next()
-            ok[0] = c is not None and decode_clip(c, aug, frames[0])
-            clips[0] = (c, clips[0][1]) if ok[0] else clips[0]
-            skipped += not ok[0]
-        good = [i for i, g in enumerate(ok) if g]
-        for i in (i for i, g in enumerate(ok) if not g):  # a re-augmented copy of a good clip of the batch
-            c = clips[good[i % len(good)]][0]
-            clips[i] = (_Clip(random.Random(f"{self.s.seed}/fill/{step}/{i}"), c.jpegs, c.name), clips[i][1])
-            decode_clip(clips[i][0], aug, frames[i])
-        return {"frames": frames, "skipped": skipped, "step": step, "clips": [c.name for c, _ in clips]}
+    def _batch(self, step: int, sampler: VideoSampler) -> dict:
+        s, aug = self.s, self.s.aug
+        before = (storage.STATS.bytes, storage.STATS.requests)
+        draws = sampler.global_batch(step)[s.rank * s.batch_size:(s.rank + 1) * s.batch_size]
+        frames = torch.empty(len(draws), aug.clip_len, 3, *aug.crop, dtype=torch.uint8)  # [B,T,3,H,W]
+        clips, decoded = [], 0
+        for i, d in enumerate(draws):
+            clip, nbytes = read_clip(s.tables[d.source], d, aug, s.seed)
+            ok = clip is not None and decode_clip(clip, aug, frames[i])
+            clips.append(clip if ok else None)
+            decoded += nbytes if ok else 0
+        skipped = sum(c is None for c in clips)
+        if skipped == len(clips):
+            clips[0], nbytes = self._fill(step, frames[0])
+            decoded += nbytes
+        good = [c for c in clips if c is not None]
+        for i in (i for i, c in enumerate(clips) if c is None):  # a re-augmented copy of a good clip of the batch
+            c = good[i % len(good)]
+            clips[i] = _Clip(random.Random(f"{s.seed}/fill/{step}/{i}"), c.jpegs, c.name)
+            decode_clip(clips[i], aug, frames[i])
+        return {"frames": frames, "skipped": skipped, "step": step, "clips": [c.name for c in clips],
+                "repeated": sampler.repeats(step), "read_bytes": storage.STATS.bytes - before[0],
+                "read_requests": storage.STATS.requests - before[1], "frame_bytes": decoded}
+
+    def _fill(self, step: int, out: torch.Tensor) -> tuple[_Clip, int]:
+        """A clip for a batch whose clips are all corrupt: other videos, seeded by the step."""
+        s = self.s
+        rng = np.random.default_rng([s.seed, 2, step, s.rank])
+        for n in range(FILL_TRIES):
+            k = int(rng.integers(len(s.tables)))
+            d = Draw(k, -1 - n, int(rng.integers(s.tables[k].num_videos)))
+            clip, nbytes = read_clip(s.tables[k], d, s.aug, s.seed + step)
+            if clip is not None and decode_clip(clip, s.aug, out):
+                return clip, nbytes
+        raise ValueError(f"step {step}: no readable clip in {FILL_TRIES} tries; the shards look corrupt "
+                         f"({s.tables[0].urls[0]} ...; check them with `python -m shards.build verify DIR`)")
 
 
 def _worker_init(_: int) -> None:
@@ -336,29 +369,26 @@ def _worker_init(_: int) -> None:
 
 class TrainStream:
     """Infinite iterable of batches ``{"frames": uint8 [B,T,3,H,W], "skipped": int, "step": int,
-    "clips": [shard/key of each clip]}``."""
+    "clips": [shard@offset of each clip's first member], "repeated": bool (the global batch holds a video twice),
+    "read_bytes"/"read_requests"/"frame_bytes": what this batch read and what it decoded}``."""
 
-    def __init__(self, sources: list[list[Shard]], weights: list[float] | None, *, batch_size: int,
-                 aug: _Augment, shuffle_buffer: int, num_workers: int, seed: int, rank: int,
-                 world_size: int, steps_per_epoch: int | None, start_step: int):
-        self.sources, self.batch_size, self.aug = sources, batch_size, aug
+    def __init__(self, tables: list[SourceTable], weights: list[float] | None, *, batch_size: int, aug: _Augment,
+                 num_workers: int, seed: int, rank: int, world_size: int, steps_per_epoch: int | None,
+                 start_step: int, pin_memory: bool = False):
+        self.tables, self.batch_size, self.aug = tables, batch_size, aug
         self.weights = None if weights is None else (np.asarray(weights, float) / sum(weights)).tolist()
-        self.shuffle_buffer, self.num_workers, self.seed = shuffle_buffer, num_workers, seed
+        self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
-        self.steps_per_epoch = steps_per_epoch or self._one_pass()
-
-    def _one_pass(self) -> int:
-        """Batches per rank that cover every clip once (from the shard counts)."""
-        total = sum(s.count if s.count is not None else count_samples(s.url) for src in self.sources for s in src)
-        return max(1, total // (self.batch_size * self.world_size))
+        sampler = VideoSampler([t.num_videos for t in tables], self.weights, batch_size * world_size, seed)
+        self.steps_per_epoch = steps_per_epoch or sampler.epoch_steps()
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict]:
-        loader = DataLoader(_LaneDataset(self), batch_size=None, num_workers=self.num_workers,
+        loader = DataLoader(_StepDataset(self), batch_size=None, num_workers=self.num_workers,
                             worker_init_fn=_worker_init if self.num_workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False, pin_memory=self.pin_memory)
         yield from loader
 
 
@@ -368,17 +398,18 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 def build_train_loader(source, *, batch_size: int, clip_len: int = 5, frame_gap: int = 2,
                        short_side: int | tuple[int, int] = (256, 320), crop: int | tuple[int, int] = 256,
-                       crop_mode: str = "random", hflip: bool = False, shuffle_buffer: int = 256,
-                       num_workers: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
-                       steps_per_epoch: int | None = None, start_step: int = 0,
-                       weights: Sequence[float] | None = None) -> TrainStream:
+                       crop_mode: str = "random", hflip: bool = False, num_workers: int = 4, seed: int = 0,
+                       rank: int = 0, world_size: int = 1, steps_per_epoch: int | None = None,
+                       start_step: int = 0, weights: Sequence[float] | None = None,
+                       pin_memory: bool = False) -> TrainStream:
     """The training stream over clip shards (see the module docstring for its guarantees).
 
-    ``source``: index.json path, brace pattern, URL/``pipe:`` or a list of those; with
-    ``weights`` each list item is a separate source mixed per clip with those weights.
+    ``source``: index.json (path or URL), brace pattern, URL or a list of those; with
+    ``weights`` each list item is a separate source mixed per slot with those weights.
     ``short_side``: an int (fixed) or a range [lo, hi) drawn per clip; ``crop``: int or
-    (h, w); ``steps_per_epoch`` (default: one pass over the clips) is only the stream's
+    (h, w); ``steps_per_epoch`` (default: every video about once) is only the stream's
     ``len``; it is infinite. Batch i (from ``start_step``) equals batch i of a run from 0.
+    ``pin_memory``: page-locked batches for asynchronous copies to a CUDA device.
     """
     if crop_mode not in ("random", "center"):
         raise ValueError(f"crop_mode must be 'random' or 'center', got {crop_mode!r}")
@@ -393,6 +424,7 @@ def build_train_loader(source, *, batch_size: int, clip_len: int = 5, frame_gap:
         if not src:
             raise ValueError(f"no shards in source {source!r}")
     aug = _Augment(clip_len, frame_gap, _pair(short_side), _pair(crop), crop_mode == "center", hflip)
-    return TrainStream(sources, None if weights is None else list(weights), batch_size=batch_size, aug=aug,
-                       shuffle_buffer=shuffle_buffer, num_workers=num_workers, seed=seed, rank=rank,
-                       world_size=world_size, steps_per_epoch=steps_per_epoch, start_step=start_step)
+    return TrainStream([load_source(src) for src in sources], None if weights is None else list(weights),
+                       batch_size=batch_size, aug=aug, num_workers=num_workers, seed=seed, rank=rank,
+                       world_size=world_size, steps_per_epoch=steps_per_epoch, start_step=start_step,
+                       pin_memory=pin_memory)

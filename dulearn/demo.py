@@ -100,7 +100,7 @@ def make_config(a: argparse.Namespace, index: Path, device: str) -> Config:
     short = train_short_side(a)
     return load_config(None, [
         f"data.train=[{index}]", f"data.short_side=[{short},{short + short // 4}]", f"data.crop={a.crop}",
-        "data.clip_len=5", "data.frame_gap=2", "data.shuffle_buffer=64", f"data.num_workers={a.loader_workers}",
+        "data.clip_len=5", "data.frame_gap=2", f"data.num_workers={a.loader_workers}",
         f"data.videos_per_epoch={videos}", f"loss.grid={min(8, a.crop // 16)}", f"loss.cv_grid={min(4, a.crop // 32)}",
         f"optim.lr={a.lr}", f"schedule.total_steps={a.steps}", f"schedule.lr_step={max(1, a.steps // 2)}",
         f"train.batch_size={a.batch_size}", f"train.seed={a.seed}", f"train.cpu={str(device == 'cpu').lower()}",

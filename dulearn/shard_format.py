@@ -10,6 +10,10 @@ this order::
     <key>.0000.jpg      the clip's frames in order, <key>.<i:04d>.jpg for i = 0 .. num_frames - 1
     ...
 
+Since every member name is short, each member is one 512-byte header and its data padded to
+512 bytes, so a clip's frames can be found from its json alone: the json's ``frame_bytes``
+(the size of each frame) gives every frame member's offset from the json's (member_offsets).
+
 ``key`` is ``v<video:08d>_c<clip:04d>`` (the video's index in the build, the clip's index in
 the video) and has no dot, since a member's extension starts at the first dot of its base
 name. Headers carry mtime 0, mode 0644, uid/gid 0 and no user/group names, so equal inputs
@@ -19,6 +23,11 @@ give equal bytes.
 ``params`` (the build parameters), ``shards`` (name, clips, frames, videos and bytes of each,
 in order), ``totals`` (their sums, and the numbers of shards and of skipped inputs) and
 ``skipped`` (input, video_id, reason and clips_kept of each input left out or cut short).
+
+``samples.json`` beside it (SampleTable): for every shard, per clip in shard order, its video
+(the build's video index), the offset of its json member's header, the json's size and its
+number of frames: what the training stream needs to read any clip's frames by byte range
+without scanning the shard. Shards without it (older builds, bare tars) are scanned once.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
@@ -37,14 +47,21 @@ from dulearn.fileio import atomic_write_json
 
 __all__ = ["FORMAT", "INDEX_NAME", "ShardFormatError", "ClipMeta", "ShardEntry", "ShardIndex", "sample_key",
            "frame_ext", "frame_exts", "open_shard_writer", "write_sample", "iter_samples", "count_samples",
-           "check_sample", "check_extras", "sample_frames", "skipped_input", "read_index", "write_index", "shard_url", "is_remote"]
+           "check_sample", "check_extras", "sample_frames", "skipped_input", "read_index", "parse_index", "write_index", "shard_url",
+           "is_remote", "SAMPLES_NAME", "ShardSamples", "video_of_key", "write_samples", "parse_samples", "scan_samples",
+           "json_data_offset", "member_offsets"]
 
 FORMAT = "dulearn-shards/1"
 INDEX_NAME = "index.json"
+SAMPLES_NAME = "samples.json"
+SAMPLES_FORMAT = "dulearn-samples/1"
+SAMPLE_COLUMNS = ("video", "offset", "json_bytes", "frames")
+BLOCK = 512  # tar header and data granularity
 JSON_EXT = "json"
 FRAME_SUFFIX = ".jpg"
 # The json's own fields; a source's extras (e.g. Kinetics' label) may not reuse these names.
 CLIP_FIELDS = frozenset({"video_id", "dataset", "clip", "num_frames", "frame_indices", "fps", "orig_size", "size"})
+OPTIONAL_FIELDS = frozenset({"frame_bytes"})  # written since the stream reads frames by byte range
 COUNTS = ("clips", "frames", "videos", "bytes")
 
 
@@ -105,6 +122,7 @@ class ClipMeta:
     orig_size: tuple[int, int]  # (H, W) of the source frames
     size: tuple[int, int]  # (H, W) of the stored frames
     extras: Mapping[str, Any] = field(default_factory=dict)  # the source's own fields (e.g. Kinetics' label)
+    frame_bytes: tuple[int, ...] | None = None  # size of each JPEG member (None in shards built before it)
 
     def __post_init__(self) -> None:
         for name in ("video_id", "dataset"):
@@ -119,6 +137,8 @@ class ClipMeta:
             raise ShardFormatError(f"clip json: fps must be a number or null, got {self.fps!r}")
         object.__setattr__(self, "orig_size", _ints(self.orig_size, "orig_size", 2))
         object.__setattr__(self, "size", _ints(self.size, "size", 2))
+        if self.frame_bytes is not None:
+            object.__setattr__(self, "frame_bytes", _ints(self.frame_bytes, "frame_bytes", self.num_frames))
         check_extras(self.extras)
 
     @property
@@ -130,6 +150,8 @@ class ClipMeta:
         fields = {"video_id": self.video_id, "dataset": self.dataset, "clip": self.clip,
                   "num_frames": self.num_frames, "frame_indices": list(self.frame_indices), "fps": self.fps,
                   "orig_size": list(self.orig_size), "size": list(self.size)}
+        if self.frame_bytes is not None:
+            fields["frame_bytes"] = list(self.frame_bytes)
         return json.dumps({**fields, **self.extras}, sort_keys=True).encode()
 
     @classmethod
@@ -144,8 +166,10 @@ class ClipMeta:
         missing = sorted(CLIP_FIELDS - set(raw))
         if missing:
             raise ShardFormatError(f"clip json: missing {', '.join(missing)}")
+        own = CLIP_FIELDS | OPTIONAL_FIELDS
         meta = cls(raw["video_id"], raw["dataset"], raw["clip"], raw["frame_indices"], raw["fps"],
-                   raw["orig_size"], raw["size"], {k: v for k, v in raw.items() if k not in CLIP_FIELDS})
+                   raw["orig_size"], raw["size"], {k: v for k, v in raw.items() if k not in own},
+                   raw.get("frame_bytes"))
         if raw["num_frames"] != meta.num_frames:
             raise ShardFormatError(f"clip json: num_frames {raw['num_frames']!r} but {meta.num_frames} frame_indices")
         return meta
@@ -153,7 +177,7 @@ class ClipMeta:
 
 def check_extras(extras: Mapping[str, Any]) -> None:
     """Refuse source extras that would overwrite the clip json's own fields."""
-    clash = sorted(set(extras) & CLIP_FIELDS)
+    clash = sorted(set(extras) & (CLIP_FIELDS | OPTIONAL_FIELDS))
     if clash:
         raise ShardFormatError(f"clip json: source fields {clash} would overwrite the clip's own")
 
@@ -178,13 +202,37 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_sample(tar: tarfile.TarFile, key: str, meta: ClipMeta, frames: Sequence[bytes]) -> None:
-    """Append one clip: its json, then its JPEG frames in order (deterministic headers)."""
+def write_sample(tar: tarfile.TarFile, key: str, meta: ClipMeta, frames: Sequence[bytes]) -> tuple[int, int]:
+    """Append one clip: its json (with frame_bytes), then its JPEG frames in order (deterministic headers).
+
+    Returns (offset of the json member's header, json size): the clip's samples.json entry.
+    """
     if len(frames) != meta.num_frames:
         raise ValueError(f"{key}: {len(frames)} frames for a json of {meta.num_frames}")
-    _add_member(tar, f"{key}.{JSON_EXT}", meta.to_json())
+    data = replace(meta, frame_bytes=tuple(len(f) for f in frames)).to_json()
+    offset = tar.offset
+    _add_member(tar, f"{key}.{JSON_EXT}", data)
     for pos, jpg in enumerate(frames):
         _add_member(tar, f"{key}.{frame_ext(pos)}", jpg)
+    return offset, len(data)
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def json_data_offset(offset: int) -> int:
+    """Where the json's bytes start, from its member's header offset."""
+    return offset + BLOCK
+
+
+def member_offsets(offset: int, json_bytes: int, frame_bytes: Sequence[int]) -> list[int]:
+    """Data offset of each frame member of the clip whose json header is at ``offset``."""
+    pos, out = offset + BLOCK + _padded(json_bytes), []
+    for size in frame_bytes:
+        out.append(pos + BLOCK)
+        pos += BLOCK + _padded(size)
+    return out
 
 
 def skipped_input(path_or_id: str, video_id: str, reason: str, clips_kept: int = 0) -> dict:
@@ -250,6 +298,10 @@ def check_sample(sample: Mapping[str, bytes]) -> ClipMeta:
     found = len(frame_exts(sample))
     if found != meta.num_frames:
         raise ShardFormatError(f"json says {meta.num_frames} frames, found {found}")
+    sizes = tuple(len(sample[k]) for k in frame_exts(sample))
+    if meta.frame_bytes is not None and meta.frame_bytes != sizes:
+        raise ShardFormatError(f"json's frame_bytes {list(meta.frame_bytes)[:4]}... differ from the frames' "
+                               f"sizes {list(sizes)[:4]}...")
     expected = [JSON_EXT, *(frame_ext(i) for i in range(meta.num_frames))]
     if list(sample) != expected:
         raise ShardFormatError(f"members {', '.join(list(sample)[:4])}, ... are not json, then "
@@ -316,22 +368,8 @@ class ShardIndex:
 
 
 def read_index(path: str | Path) -> ShardIndex:
-    """Read an index.json; ShardFormatError (with the path) for a file that is not a shard index."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_bytes())
-    except ValueError as e:
-        raise ShardFormatError(f"{path}: not a shard index.json (not JSON: {type(e).__name__})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("shards"), list):
-        raise ShardFormatError(f"{path}: no 'shards' list (not a shard index.json)")
-    if raw.get("format", FORMAT) != FORMAT:
-        raise ShardFormatError(f"{path}: format {raw['format']!r}, this dulearn reads {FORMAT!r}")
-    try:
-        shards = [ShardEntry.from_dict(s) for s in raw["shards"]]
-    except ShardFormatError as e:
-        raise ShardFormatError(f"{path}: {e}") from None
-    return ShardIndex(shards, raw.get("source", ""), raw.get("root", ""), raw.get("params", {}),
-                      raw.get("skipped", []))
+    """Read a local index.json; ShardFormatError (with the path) for a file that is not a shard index."""
+    return parse_index(Path(path).read_bytes(), str(path))
 
 
 def write_index(path: str | Path, index: ShardIndex) -> None:
@@ -340,5 +378,111 @@ def write_index(path: str | Path, index: ShardIndex) -> None:
 
 
 def shard_url(index_path: str | Path, name: str) -> str:
-    """Where an index's shard is: URLs and ``pipe:`` as listed, file names beside the index."""
-    return name if is_remote(name) else str(Path(index_path).parent / name)
+    """Where an index's shard is: URLs and ``pipe:`` as listed, file names beside the index (or the index's URL)."""
+    if is_remote(name):
+        return name
+    index_path = str(index_path)
+    return f"{index_path.rsplit('/', 1)[0]}/{name}" if is_remote(index_path) else str(Path(index_path).parent / name)
+
+
+def parse_index(data: bytes, where: str) -> ShardIndex:
+    """An index.json's bytes as a ShardIndex; ShardFormatError naming ``where`` for anything else."""
+    try:
+        raw = json.loads(data)
+    except ValueError as e:
+        raise ShardFormatError(f"{where}: not a shard index.json (not JSON: {type(e).__name__})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("shards"), list):
+        raise ShardFormatError(f"{where}: no 'shards' list (not a shard index.json)")
+    if raw.get("format", FORMAT) != FORMAT:
+        raise ShardFormatError(f"{where}: format {raw['format']!r}, this dulearn reads {FORMAT!r}")
+    try:
+        shards = [ShardEntry.from_dict(s) for s in raw["shards"]]
+    except ShardFormatError as e:
+        raise ShardFormatError(f"{where}: {e}") from None
+    return ShardIndex(shards, raw.get("source", ""), raw.get("root", ""), raw.get("params", {}),
+                      raw.get("skipped", []))
+
+
+# ----------------------------------------------------------------------------- samples.json
+
+_KEY = re.compile(r"v(\d+)_c\d+")
+
+
+@dataclass
+class ShardSamples:
+    """The clips of one shard in order: columns of samples.json, and frame locations when scanned.
+
+    ``video`` is the build's video index (-1: unknown, e.g. a bare tar: each clip its own video);
+    ``offset``/``json_bytes`` locate the json member (-1/0: none); ``frame_data`` (only from a
+    scan) holds (data offset, size) of each frame member, else they follow from the json.
+    """
+
+    video: list[int] = field(default_factory=list)
+    offset: list[int] = field(default_factory=list)
+    json_bytes: list[int] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)
+    frame_data: list[list[tuple[int, int]]] | None = None
+
+    def add(self, video: int, offset: int, json_bytes: int, frames: int) -> None:
+        for name, value in zip(SAMPLE_COLUMNS, (video, offset, json_bytes, frames)):
+            getattr(self, name).append(value)
+
+    def columns(self) -> dict[str, list[int]]:
+        return {name: getattr(self, name) for name in SAMPLE_COLUMNS}
+
+
+def video_of_key(key: str) -> int:
+    """The build's video index in a sample key ``v<video>_c<clip>`` (-1 for other keys)."""
+    m = _KEY.fullmatch(key.rpartition("/")[2])
+    return int(m.group(1)) if m else -1
+
+
+def write_samples(path: str | Path, shards: Mapping[str, ShardSamples]) -> None:
+    """Write samples.json atomically: per shard name, the columns of its clips."""
+    atomic_write_json(Path(path), {"format": SAMPLES_FORMAT, "columns": list(SAMPLE_COLUMNS),
+                                   "shards": {name: s.columns() for name, s in shards.items()}}, ".part")
+
+
+def parse_samples(data: bytes, where: str) -> dict[str, ShardSamples]:
+    """samples.json's bytes as {shard name: ShardSamples}; ShardFormatError naming ``where``."""
+    try:
+        raw = json.loads(data)
+        if raw.get("format") != SAMPLES_FORMAT:
+            raise ShardFormatError(f"{where}: format {raw.get('format')!r}, this dulearn reads {SAMPLES_FORMAT!r}")
+        out = {name: ShardSamples(*(list(cols[c]) for c in SAMPLE_COLUMNS)) for name, cols in raw["shards"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ShardFormatError(f"{where}: not a samples.json ({type(e).__name__}: {e})") from None
+    for name, s in out.items():
+        if len({len(getattr(s, c)) for c in SAMPLE_COLUMNS}) != 1:
+            raise ShardFormatError(f"{where}: shard {name}: columns of different lengths")
+    return out
+
+
+def scan_samples(url: str) -> ShardSamples:
+    """Locate every clip of a tar shard from its headers (local: seeks only; remote: one full read).
+
+    A truncated or corrupt tail ends the scan; the clips before it are kept.
+    """
+    out = ShardSamples(frame_data=[])
+    stream = open(url, "rb") if not is_remote(url) else gopen(url, "rb")
+    key = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r:" if not is_remote(url) else "r|") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = _split_member(m.name)
+                if k != key:
+                    key = k
+                    out.add(video_of_key(k), -1, 0, 0)
+                    out.frame_data.append([])
+                if ext == JSON_EXT:
+                    out.offset[-1], out.json_bytes[-1] = m.offset, m.size
+                elif ext.endswith(FRAME_SUFFIX):
+                    out.frame_data[-1].append((m.offset_data, m.size))
+                    out.frames[-1] += 1
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # a truncated shard: the clips scanned so far
+    finally:
+        _close_quietly(stream)
+    return out

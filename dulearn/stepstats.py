@@ -5,7 +5,8 @@ host sync) and its host timings to floats; `Window.summary` reduces the per-rank
 all ranks in one all-reduce and copies everything to the host in one `.tolist()`, whose wait
 (the device still working off the window's steps) counts as step time. The non-finite flag
 is the same on every rank (the loop agrees on it before the update), so the step counts and
-runs need no reduction.
+runs need no reduction. The stream's counts (skipped clips, bytes read and decoded) ride
+along in the same all-reduce; whether a global batch repeated a video is known on every rank.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from dulearn import distributed
+
+# The stream's per-batch counts (dulearn.data) that a window sums over steps and ranks.
+STREAM_SUMS = ("skipped", "read_bytes", "frame_bytes", "read_requests")
 
 
 @dataclass
@@ -76,7 +80,8 @@ class Window:
     longest_run: torch.Tensor = field(init=False)  # [] float64: longest non-finite run seen
     grad_norm: torch.Tensor = field(init=False)  # [] float64: last finite step's norm (NaN: none)
     steps: int = 0
-    skipped_samples: int = 0
+    stream: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAM_SUMS, 0))  # this rank's sums
+    repeated: int = 0  # steps whose global batch held a video twice (the same on every rank)
     data_wait_s: float = 0.0
     step_time_s: float = 0.0
     lr: float = math.nan
@@ -89,7 +94,7 @@ class Window:
         self.finite, self.longest_run, self.grad_norm = scalar(0.0), scalar(0.0), scalar(math.nan)
 
     def add(self, terms: LossTerms, bad: torch.Tensor, nonfinite: NonFinite, grad_norm: torch.Tensor | None,
-            *, skipped: int, wait_s: float, step_s: float, lr: float) -> None:
+            *, batch: Mapping[str, Any], wait_s: float, step_s: float, lr: float) -> None:
         """Add one step (device ops only); `bad`: float [] 0/1, after `nonfinite.add(bad)`."""
         skip = bad > 0
         self.sums = self.sums + torch.where(skip, 0.0, terms.stacked())  # NaN * 0 would be NaN
@@ -98,7 +103,9 @@ class Window:
         if grad_norm is not None:
             self.grad_norm = torch.where(skip, self.grad_norm, grad_norm.detach().double())
         self.steps += 1
-        self.skipped_samples += int(skipped)
+        for name in STREAM_SUMS:
+            self.stream[name] += int(batch.get(name, 0))
+        self.repeated += bool(batch.get("repeated", False))
         self.data_wait_s += wait_s
         self.step_time_s += step_s
         self.lr = lr
@@ -107,17 +114,20 @@ class Window:
         """(the window's metrics: means per finite step over all ranks, counts, throughput; the
         longest run of non-finite steps in it). One all-reduce, one host sync."""
         world, start = distributed.world_size(), time.perf_counter()
-        skipped = torch.tensor([self.skipped_samples], dtype=torch.float64).to(self.device)  # [1]
-        reduced = distributed.reduce(torch.cat([self.sums, skipped]))  # [T+1] sums over ranks
+        host = torch.tensor([self.stream[k] for k in STREAM_SUMS], dtype=torch.float64).to(self.device)  # [S]
+        reduced = distributed.reduce(torch.cat([self.sums, host]))  # [T+S] sums over ranks
         same = torch.stack([self.finite, self.longest_run, nonfinite.total, self.grad_norm])  # [4] equal on all ranks
-        *sums, skipped_all, finite, longest, total, grad_norm = torch.cat([reduced, same]).tolist()
+        values = torch.cat([reduced, same]).tolist()
+        sums, stream = values[:len(self.sums)], dict(zip(STREAM_SUMS, values[len(self.sums):]))
+        finite, longest, total, grad_norm = values[len(self.sums) + len(STREAM_SUMS):]
         self.step_time_s += time.perf_counter() - start  # the device's backlog of the window's steps
         n, seconds = self.steps, max(self.step_time_s, 1e-12)
         out: dict[str, Any] = {name: s / world / finite for name, s in zip(LossTerms.names(), sums)} if finite else {}
         out.update({
             "epoch": epoch,
             "lr": self.lr,
-            "skipped_samples": int(skipped_all),
+            "skipped_samples": int(stream["skipped"]),
+            "repeat_video_frac": self.repeated / n,
             "nonfinite_steps": int(n - finite),
             "nonfinite_total": int(total),
             "data_wait_s": self.data_wait_s / n,
@@ -125,6 +135,9 @@ class Window:
             "data_wait_frac": self.data_wait_s / seconds,
             "clips_per_s": batch_size * n / seconds,
         })
+        if stream["frame_bytes"]:
+            out["read_bytes_per_frame_byte"] = stream["read_bytes"] / stream["frame_bytes"]
+            out["read_requests_per_clip"] = stream["read_requests"] / (batch_size * n)
         if not math.isnan(grad_norm):
             out["grad_norm"] = grad_norm
         if self.device.type == "cuda":

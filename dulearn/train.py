@@ -166,9 +166,9 @@ def _build_loader(cfg: Config, accelerator: Accelerator, start_step: int) -> Any
     return build_train_loader(
         d.train, batch_size=cfg.train.batch_size // accelerator.num_processes, clip_len=d.clip_len,
         frame_gap=d.frame_gap, short_side=(lo, hi), crop=d.crop, crop_mode=d.crop_mode, hflip=d.hflip,
-        shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=cfg.train.seed,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-        steps_per_epoch=steps_per_epoch(cfg), start_step=start_step, weights=d.weights)
+        num_workers=d.num_workers, seed=cfg.train.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, steps_per_epoch=steps_per_epoch(cfg), start_step=start_step,
+        weights=d.weights, pin_memory=accelerator.device.type == "cuda")
 
 
 @dataclass(frozen=True)
@@ -292,8 +292,8 @@ class Trainer:
                 self.step += 1
 
                 self.nonfinite.add(bad)
-                window.add(LossTerms.of(out), bad, self.nonfinite, grad_norm, skipped=batch.get("skipped", 0),
-                           wait_s=wait, step_s=time.perf_counter() - t0, lr=lr)
+                window.add(LossTerms.of(out), bad, self.nonfinite, grad_norm, batch=batch, wait_s=wait,
+                           step_s=time.perf_counter() - t0, lr=lr)
                 stop = distributed.any_rank(_checkpoint_requested.is_set(), self.host_group)
                 monitor.step(cfg.train.batch_size * window.steps / max(window.step_time_s, 1e-12))
                 extra: dict[str, Any] = {}

@@ -5,7 +5,8 @@
 
 SOURCE is a registered layout (kinetics, trackingnet, ytvos, oxuva, videos, frames,
 synthetic, and any added with ``shards.sources.register_source``). Output:
-``DIR/<prefix>-%06d.tar`` and ``DIR/index.json`` (dulearn.shard_format). Same inputs and
+``DIR/<prefix>-%06d.tar``, ``DIR/samples.json`` and ``DIR/index.json`` (dulearn.shard_format);
+videos are dealt to shards in a random order drawn from --shuffle-seed. Same inputs and
 options give the same bytes for any --workers; a re-run after an interruption keeps
 complete shards and redoes the rest.
 """
@@ -29,7 +30,8 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 from tqdm import tqdm
 
 from dulearn.fileio import atomic_write_json
-from dulearn.shard_format import INDEX_NAME, ShardEntry, ShardIndex, skipped_input, write_index
+from dulearn.shard_format import (INDEX_NAME, SAMPLE_COLUMNS, SAMPLES_NAME, ShardEntry, ShardIndex, ShardSamples,
+                                  scan_samples, skipped_input, write_index, write_samples)
 from shards import decode
 from shards.plan import BuildParams, PlannedVideo, ShardPlan, assign_shards, too_short_reason
 from shards.sources import VideoInput, filter_by_list, get_source, source_names
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-stride", type=int, default=1, help="keep every k-th frame of the source")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target shard size (estimated)")
     p.add_argument("--shard-clips", type=int, default=0, help="target clips per shard (overrides --shard-size)")
+    p.add_argument("--shuffle-seed", type=int, default=0,
+                   help="seed of the random order videos are dealt to shards in (-1: the source's order)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1), help="worker processes")
     p.add_argument("--decode-threads", type=int, default=1, help="decoder threads per worker process")
     p.add_argument("--plugin", action="append", default=[], help="module to import that registers sources")
@@ -138,7 +142,8 @@ def build(args: argparse.Namespace) -> ShardIndex:
     root = args.root.resolve()
     params = BuildParams(dataset=args.source, prefix=args.prefix or args.source, short_side=args.short_side,
                          quality=args.quality, clip_len=args.clip_len, min_clip_len=args.min_clip_len,
-                         frame_stride=args.frame_stride, shard_bytes=args.shard_size, shard_clips=args.shard_clips)
+                         frame_stride=args.frame_stride, shard_bytes=args.shard_size, shard_clips=args.shard_clips,
+                         shuffle_seed=args.shuffle_seed)
     if min(params.clip_len, params.min_clip_len, params.frame_stride, params.short_side) < 1:
         raise SystemExit("error: --clip-len, --min-clip-len, --frame-stride and --short-side must be >= 1")
     videos = list(source(root))
@@ -168,9 +173,19 @@ def build(args: argparse.Namespace) -> ShardIndex:
             pool.close()
             pool.join()
     index = make_index(root, params, [done[s.name] for s in shards], skipped)
-    write_index(args.out / INDEX_NAME, index)
+    write_samples(args.out / SAMPLES_NAME, {s.name: _samples(args.out, done[s.name]) for s in shards})
+    write_index(args.out / INDEX_NAME, index)  # last: an index.json means the build is complete
     print_summary(index, decoded, time.perf_counter() - start, args.workers, len(todo), len(shards))
     return index
+
+
+def _samples(out: Path, summary: dict) -> ShardSamples:
+    """A written shard's samples.json entry (scanned for shards a build before samples.json completed)."""
+    if "samples" in summary:
+        return ShardSamples(*(summary["samples"][c] for c in SAMPLE_COLUMNS))
+    scanned = scan_samples(str(out / summary["name"]))
+    scanned.frame_data = None
+    return scanned
 
 
 def make_index(root: Path, params: BuildParams, parts: list[dict], skipped: list[dict]) -> ShardIndex:

@@ -1,13 +1,15 @@
 """Build parameters, clip cutting and the deterministic assignment of videos to shards.
 
-Shards are planned before any parallel work: videos are taken in the source's order and
-packed whole (a video is never split across shards, so exactly one worker decodes it)
+Shards are planned before any parallel work: videos are dealt in a random order drawn from
+``shuffle_seed`` (so a shard holds videos from all over the source, never one Kinetics class
+after another; -1 keeps the source's order) and packed whole (a video is never split across shards, so exactly one worker decodes it)
 into shards until a shard reaches its clip count or its estimated byte size. The plan
 depends only on the inputs and the parameters, so the shards do not depend on --workers.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass, field
 
 from shards.sources import VideoInput
@@ -29,6 +31,7 @@ class BuildParams:
     frame_stride: int = 1
     shard_bytes: int = 1_000_000_000
     shard_clips: int = 0
+    shuffle_seed: int = 0  # seed of the order videos are dealt to shards in (-1: the source's order)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,8 +89,18 @@ def _estimated_bytes(v: PlannedVideo, params: BuildParams) -> float:
     return num_selected(v.num_frames, params.frame_stride) * (pixels * BYTES_PER_PIXEL + 1024)
 
 
+def shuffled(videos: list[PlannedVideo], seed: int) -> list[PlannedVideo]:
+    """The videos in the build's dealing order: a permutation drawn from ``seed`` (-1: as given)."""
+    if seed < 0:
+        return list(videos)
+    out = list(videos)
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def assign_shards(videos: list[PlannedVideo], params: BuildParams) -> list[ShardPlan]:
-    """Pack videos, in order, into shards closed at the first video boundary past the target."""
+    """Pack videos, in the seeded order, into shards closed at the first video boundary past the target."""
+    videos = shuffled(videos, params.shuffle_seed)
     shards: list[ShardPlan] = []
     current: ShardPlan | None = None
     clips = 0

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from dulearn.fileio import atomic_write_bytes, fsync_dir
-from dulearn.shard_format import ClipMeta, open_shard_writer, sample_key, skipped_input, write_sample
+from dulearn.shard_format import ClipMeta, ShardSamples, open_shard_writer, sample_key, skipped_input, write_sample
 from shards.decode import as_chw, encode_frame, resize_short
 from shards.plan import BuildParams, PlannedVideo, ShardPlan, clip_bounds, num_selected
 
@@ -22,14 +22,16 @@ PARTS_DIR = ".parts"
 
 
 def _write_clip(tar: tarfile.TarFile, v: PlannedVideo, params: BuildParams, clip: int,
-                frames: list[tuple[int, bytes]], orig: tuple[int, int], size: tuple[int, int]) -> None:
+                frames: list[tuple[int, bytes]], orig: tuple[int, int], size: tuple[int, int],
+                samples: ShardSamples) -> None:
     """One clip of ``v``: (source frame index, JPEG) pairs, source size ``orig``, stored ``size``."""
     meta = ClipMeta(v.video.video_id, params.dataset, clip, tuple(i for i, _ in frames), v.fps, orig, size,
                     v.video.meta)
-    write_sample(tar, sample_key(v.index, clip), meta, [jpg for _, jpg in frames])
+    offset, json_bytes = write_sample(tar, sample_key(v.index, clip), meta, [jpg for _, jpg in frames])
+    samples.add(v.index, offset, json_bytes, len(frames))
 
 
-def write_video(tar: tarfile.TarFile, v: PlannedVideo, params: BuildParams) -> dict:
+def write_video(tar: tarfile.TarFile, v: PlannedVideo, params: BuildParams, samples: ShardSamples) -> dict:
     """Stream one video into clips; returns counts and, on bad input, the skip reason.
 
     Clips are cut from the planned frame count; decoding stops at the first bad frame and
@@ -52,14 +54,14 @@ def write_video(tar: tarfile.TarFile, v: PlannedVideo, params: BuildParams) -> d
             size = tuple(small.shape[-2:])
             pending.append((raw, encode_frame(small, params.quality)))
             if raw // params.frame_stride + 1 == bounds[clip][1]:
-                _write_clip(tar, v, params, clip, pending, orig, size)
+                _write_clip(tar, v, params, clip, pending, orig, size, samples)
                 written, frames_out, clip, pending = written + 1, frames_out + len(pending), clip + 1, []
     except Exception as e:  # any decoder error is a property of the input: list it, go on
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
         if decoded:
             reason = f"bad frame {decoded}: {reason}"
     if pending and reason is None and len(pending) >= params.min_clip_len:
-        _write_clip(tar, v, params, clip, pending, orig, size)  # stream ended before the plan
+        _write_clip(tar, v, params, clip, pending, orig, size, samples)  # stream ended before the plan
         written, frames_out = written + 1, frames_out + len(pending)
     if reason is None and written == 0:
         reason = f"only {decoded} frames decoded (planned {v.num_frames})"
@@ -71,11 +73,11 @@ def write_shard(plan: ShardPlan, out: Path, params: BuildParams) -> dict:
     start = time.perf_counter()
     tmp = out / f".{plan.name}.part"
     totals = {"clips": 0, "frames": 0, "decoded": 0, "videos": 0}
-    skipped = []
+    skipped, samples = [], ShardSamples()
     with open(tmp, "wb") as f:
         with open_shard_writer(f) as tar:
             for v in plan.videos:
-                r = write_video(tar, v, params)
+                r = write_video(tar, v, params, samples)
                 for k in ("clips", "frames", "decoded"):
                     totals[k] += r[k]
                 totals["videos"] += r["clips"] > 0
@@ -85,7 +87,8 @@ def write_shard(plan: ShardPlan, out: Path, params: BuildParams) -> dict:
         f.flush()
         os.fsync(f.fileno())
     summary = {"name": plan.name, "clips": totals["clips"], "frames": totals["frames"],
-               "videos": totals["videos"], "bytes": tmp.stat().st_size, "skipped": skipped}
+               "videos": totals["videos"], "bytes": tmp.stat().st_size, "skipped": skipped,
+               "samples": samples.columns()}
     atomic_write_bytes(out / PARTS_DIR / f"{plan.name}.json", json.dumps(summary, sort_keys=True).encode(),
                        ".part")
     os.replace(tmp, out / plan.name)

@@ -32,7 +32,7 @@ def tiny_shards(out: Path) -> Path:
 def tiny_config(index: Path, **overrides: Any) -> Config:
     """32x32 crops (a 4x4 feature grid), 3-frame clips, 1 clip per step, fp32, no workers, no bar."""
     base = {"data.train": f"[{index}]", "data.short_side": "[32,40]", "data.crop": 32, "data.clip_len": 3,
-            "data.frame_gap": 1, "data.shuffle_buffer": 4, "data.num_workers": 0, "data.steps_per_epoch": 4,
+            "data.frame_gap": 1, "data.num_workers": 0, "data.steps_per_epoch": 4,
             "loss.grid": 4, "loss.cv_grid": 2, "train.batch_size": 1, "train.mixed_precision": "no",
             "log.progress": "false", "log.wandb": "false"}
     return load_config(None, [f"{k}={v}" for k, v in {**base, **overrides}.items()])

@@ -30,7 +30,7 @@ def _rank(rank: int, rendezvous: str, index: str, workers: int, results) -> None
     """One training process: stream, and all-reduce once per step as DDP would."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    loader = build_train_loader(index, batch_size=2, clip_len=5, short_side=64, crop=48, shuffle_buffer=BUFFER,
+    loader = build_train_loader(index, batch_size=2, clip_len=5, short_side=64, crop=48,
                                 num_workers=workers, seed=11, rank=rank, world_size=2)
     steps, clips = [], []
     for batch in loader:

@@ -1,5 +1,5 @@
 """The training stream on real clip shards (of synthetic frame folders): batches, resume, sampling,
-geometry, corrupt clips, pipes."""
+geometry, corrupt clips, older shards."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from dulearn.data import build_train_loader, sample_frame_ids
-from dulearn.shard_format import iter_samples
+from dulearn.shard_format import iter_samples, video_of_key
 from shards.build import main as build_main
+from shards.verify import verify
 
 SHORT = 80
 OPTS = dict(clip_len=5, frame_gap=2, short_side=(64, 80), crop=64)
@@ -42,58 +43,120 @@ def _same(a: list[dict], b: list[dict]) -> bool:
                for x, y in zip(a, b, strict=True))
 
 
-def test_batches_shape_steps_and_one_pass(shards):
-    loader = build_train_loader(str(shards / "index.json"), batch_size=3, num_workers=2, shuffle_buffer=4,
-                                hflip=True, **OPTS)
-    assert len(loader) == 30 // 3
-    batches = _take(loader, 20)
-    assert [b["step"] for b in batches] == list(range(20))
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> Path:
+    """40 synthetic videos of 24 frames (48x64) cut into 3 clips of 8, in shards of 20 clips."""
+    out = tmp_path_factory.mktemp("many") / "shards"
+    assert build_main(["synthetic", "seed=5,videos=40,frames=24,size=48x64,objects=1-2", "--out", str(out),
+                       "--clip-len", "8", "--shard-clips", "20", "--workers", "1"]) == 0
+    return out
+
+
+def _videos(shards: Path) -> dict[str, int]:
+    """Clip name (shard@offset, as the stream names clips) -> the build's video index."""
+    out = {}
+    for tar_path in shards.glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    out[f"{tar_path.name}@{m.offset}"] = video_of_key(m.name.split(".")[0])
+    return out
+
+
+def test_batches_hold_distinct_videos_and_an_epoch_shows_each_once(many):
+    loader = build_train_loader(str(many / "index.json"), batch_size=3, num_workers=2, hflip=True, **OPTS)
+    assert len(loader) == 40 // 3  # an epoch: every video once (the last 40 % 3 wait for a later epoch)
+    batches = _take(loader, 2 * len(loader))
+    assert [b["step"] for b in batches] == list(range(2 * len(loader)))
     assert all(b["frames"].shape == (3, 5, 3, 64, 64) and b["frames"].dtype == torch.uint8 for b in batches)
-    assert all(b["skipped"] == 0 for b in batches)
-    seen = Counter(c for b in batches for c in b["clips"])
-    assert len(seen) == 30  # two passes over the 30 clips reach every clip
+    assert all(b["skipped"] == 0 and not b["repeated"] for b in batches)
+    video = _videos(many)
+    for epoch in (batches[:13], batches[13:]):
+        drawn = [video[c] for b in epoch for c in b["clips"]]
+        assert len(set(drawn)) == len(drawn) == 39  # no video twice in an epoch, so none twice in a batch
+    clips = Counter(c for b in batches for c in b["clips"])
+    assert len(clips) > 60  # clips of a video vary between epochs (120 clips in all)
+
+
+def test_reads_only_the_chosen_frames(many):
+    """Bytes read per decoded JPEG byte stay near 1 (a clip of 8 frames, 5 decoded at gap 1)."""
+    loader = build_train_loader(str(many / "index.json"), batch_size=4, num_workers=0, **OPTS)
+    batches = _take(loader, 6)
+    read, decoded = sum(b["read_bytes"] for b in batches), sum(b["frame_bytes"] for b in batches)
+    assert 0 < decoded <= read < 1.5 * decoded, (read, decoded)
+    assert all(b["read_requests"] <= 2 * 4 for b in batches)  # the json, then the frames joined
 
 
 @pytest.mark.parametrize("workers,start", [(0, 7), (2, 5), (2, 6)])
 def test_resume_gives_the_same_batches(shards, workers, start):
     src = str(shards / "index.json")
-    kw = dict(batch_size=2, num_workers=workers, shuffle_buffer=6, seed=3, hflip=True, **OPTS)
+    kw = dict(batch_size=2, num_workers=workers, seed=3, hflip=True, **OPTS)
     full = _take(build_train_loader(src, **kw), start + 6)
     resumed = _take(build_train_loader(src, start_step=start, **kw), 6)
     assert _same(resumed, full[start:])
+    other = _take(build_train_loader(src, **{**kw, "num_workers": 1 if workers else 2}), start + 6)
+    assert _same(other, full)  # the batches do not depend on the number of workers
 
 
 def test_resume_far_ahead_is_cheap(shards):
-    """Resuming at step 20000 (40000 clips in) replays counts only: no clip before it is decoded."""
+    """Resuming at step 20000 (40000 clips in) reads only the batch it yields."""
     start = time.perf_counter()
-    kw = dict(batch_size=2, num_workers=0, shuffle_buffer=6, **OPTS)
+    kw = dict(batch_size=2, num_workers=0, **OPTS)
     batch = _take(build_train_loader(str(shards / "index.json"), start_step=20_000, **kw), 1)[0]
     assert batch["step"] == 20_000 and batch["frames"].shape == (2, 5, 3, 64, 64)
     assert time.perf_counter() - start < 20  # decoding 40000 clips would take many minutes
 
 
-def test_weighted_sources_mix_and_resume(shards):
-    names = sorted(p.name for p in shards.glob("*.tar"))
-    src = [str(shards / n) for n in names[:2]] + [str(shards / n) for n in names[2:]]
-    sources = [src[:2], src[2:]]
-    kw = dict(batch_size=4, num_workers=0, shuffle_buffer=2, weights=[3, 1], **OPTS)
-    full = _take(build_train_loader(sources, **kw), 12)
-    assert _same(_take(build_train_loader(sources, start_step=8, **kw), 4), full[8:])
-    shard_of = Counter(c.split("/")[0] for b in full for c in b["clips"])
-    first = shard_of[names[0]] + shard_of[names[1]]
-    assert first > 2 * (48 - first)  # weight 3:1 (expect 36:12)
+def test_weighted_sources_mix_and_resume(many):
+    names = sorted(p.name for p in many.glob("*.tar"))
+    sources = [[str(many / n) for n in names[:3]], [str(many / n) for n in names[3:]]]
+    kw = dict(batch_size=4, num_workers=0, weights=[3, 1], **OPTS)
+    full = _take(build_train_loader(sources, **kw), 24)
+    assert _same(_take(build_train_loader(sources, start_step=17, **kw), 7), full[17:])
+    shard_of = Counter(c.split("@")[0] for b in full for c in b["clips"])
+    first = sum(shard_of[n] for n in names[:3])
+    assert first > 2 * (96 - first)  # weight 3:1 (expect 72:24)
+    video = _videos(many)
+    assert all(len({video[c] for c in b["clips"]}) == 4 for b in full)  # distinct videos in every batch
 
 
-def test_brace_pattern_and_pipe_sources_equal_the_index(shards):
-    names = sorted(p.name for p in shards.glob("*.tar"))
-    pattern = str(shards / f"frames-{{000000..{len(names) - 1:06d}}}.tar")
-    pipes = [f"pipe:cat {shards / n}" for n in names]
-    kw = dict(batch_size=2, num_workers=0, shuffle_buffer=3, **OPTS)
-    ref = _take(build_train_loader(str(shards / "index.json"), **kw), 5)
-    assert _same(_take(build_train_loader(pattern, **kw), 5), ref)
-    via_pipe = _take(build_train_loader(pipes, **kw), 5)
-    assert [b["clips"] for b in via_pipe] == [b["clips"] for b in ref]
-    assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(via_pipe, ref))
+def test_shards_without_samples_json_or_frame_sizes_stream_the_same(many, tmp_path):
+    """Older builds (no samples.json, no frame_bytes in the json) and bare tar patterns: scanned once."""
+    kw = dict(batch_size=4, num_workers=0, seed=2, **OPTS)
+    ref = _take(build_train_loader(str(many / "index.json"), **kw), 6)
+    names = sorted(p.name for p in many.glob("*.tar"))
+    assert _same(_take(build_train_loader(str(many / "synthetic-{000000..000005}.tar"), **kw), 6), ref)
+    old = tmp_path / "old"
+    old.mkdir()
+    for n in names:  # rewrite each shard as builds before samples.json wrote it
+        members = []
+        with tarfile.open(many / n) as tar:
+            for m in tar.getmembers():
+                data = tar.extractfile(m).read()
+                if m.name.endswith(".json"):
+                    data = json.dumps({k: v for k, v in json.loads(data).items() if k != "frame_bytes"},
+                                      sort_keys=True).encode()
+                members.append((m.name, data))
+        with tarfile.open(old / n, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (old / "index.json").write_bytes((many / "index.json").read_bytes())
+    got = _take(build_train_loader(str(old / "index.json"), **kw), 6)
+    assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(got, ref, strict=True))
+    assert verify(old) == [] and verify(many) == []
+
+
+def test_pipe_sources_are_refused_with_the_reason(shards):
+    with pytest.raises(ValueError, match="pipe: sources cannot be read by byte range"):
+        build_train_loader([f"pipe:cat {shards / 'frames-000000.tar'}"], batch_size=2, num_workers=0, **OPTS)
+
+
+def test_a_source_without_clips_is_an_error(tmp_path):
+    (tmp_path / "empty.tar").write_bytes(_tar([]))
+    with pytest.raises(ValueError, match="no clips in source"):
+        build_train_loader(str(tmp_path / "empty.tar"), batch_size=2, num_workers=0, **OPTS)
 
 
 def test_frame_sampling_follows_the_original():
@@ -112,7 +175,9 @@ def test_frame_sampling_follows_the_original():
 
 
 def _clip_frames(shards: Path, name: str) -> torch.Tensor:
-    shard, key = name.split("/")
+    shard, offset = name.split("@")
+    with tarfile.open(shards / shard) as tar:
+        key = next(m.name for m in tar.getmembers() if m.offset == int(offset)).split(".")[0]
     sample = dict(iter_samples(str(shards / shard)))[key]
     jpgs = [sample[k] for k in sorted(k for k in sample if k.endswith(".jpg"))]
     return torch.stack([decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8)) for j in jpgs])
@@ -120,7 +185,7 @@ def _clip_frames(shards: Path, name: str) -> torch.Tensor:
 
 def test_center_crop_geometry(shards):
     """T = all frames of a clip at gap 1: output = a permutation of its resized, centre-cropped frames."""
-    loader = build_train_loader(str(shards / "index.json"), batch_size=2, num_workers=0, shuffle_buffer=1,
+    loader = build_train_loader(str(shards / "index.json"), batch_size=2, num_workers=0,
                                 clip_len=5, frame_gap=1, short_side=72, crop=(64, 48), crop_mode="center")
     batch = _take(loader, 1)[0]
     for frames, name in zip(batch["frames"], batch["clips"]):
@@ -149,7 +214,7 @@ def _crops(src: torch.Tensor, frame: torch.Tensor) -> set[tuple[bool, int, int]]
 
 
 def test_random_crop_and_flip_are_shared_by_the_clip(shards):
-    loader = build_train_loader(str(shards / "index.json"), batch_size=4, num_workers=0, shuffle_buffer=1,
+    loader = build_train_loader(str(shards / "index.json"), batch_size=4, num_workers=0,
                                 clip_len=5, frame_gap=1, short_side=SHORT, crop=64, hflip=True, seed=1)
     batch = _take(loader, 1)[0]
     flips, offsets = set(), set()
@@ -183,8 +248,12 @@ def test_corrupt_clips_are_skipped_and_counted(shards, tmp_path):
     bad_json = {**base, "json": b"{not json"}
     bad = [("badjpeg", bad_jpeg), ("missing", missing), ("few", few), ("badjson", bad_json)]
     (tmp_path / "mixed.tar").write_bytes(_tar(good + bad))
-    loader = build_train_loader(str(tmp_path / "mixed.tar"), batch_size=8, num_workers=0, shuffle_buffer=1, **OPTS)
+    videos = len({video_of_key(k) for k, _ in good}) + len(bad)  # the bad keys name no video: one each
+    loader = build_train_loader(str(tmp_path / "mixed.tar"), batch_size=videos, num_workers=0, **OPTS)
     b0, b1 = _take(loader, 2)
-    assert b0["skipped"] == 4 and b0["frames"].shape == (8, 5, 3, 64, 64)
-    assert sorted(set(b0["clips"])) == sorted(f"mixed.tar/{k}" for k, _ in good)
-    assert b1["skipped"] == 4  # the next pass skips them again and never raises
+    assert b0["skipped"] == 4 and b0["frames"].shape == (videos, 5, 3, 64, 64)
+    with tarfile.open(tmp_path / "mixed.tar") as tar:
+        good_names = {f"mixed.tar@{m.offset}" for m in tar.getmembers() if m.name.split(".")[0] in dict(good)
+                      and m.name.endswith(".json")}
+    assert set(b0["clips"]) <= good_names
+    assert b1["skipped"] == 4  # the next epoch skips them again and never raises

@@ -25,7 +25,7 @@ VIDEOS = ("synth-2-0000.mp4", "synth-2-0001.mp4", "synth-2-0002.mp4")  # of the 
 TINY = """\
 # A few steps of real training on 32x32 crops (4x4 feature grid), 1 clip per rank.
 data: {train: [%s], clip_len: 3, frame_gap: 1, short_side: [32, 40], crop: 32,
-       shuffle_buffer: 4, num_workers: 0, steps_per_epoch: 5}
+       num_workers: 0, steps_per_epoch: 5}
 loss: {grid: 4, cv_grid: 2}
 schedule: {total_steps: 3}
 train: {batch_size: 2, cpu: true, checkpoint_every: 1000}

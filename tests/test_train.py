@@ -63,7 +63,7 @@ def _overrides(index: Path, steps: int, batch: int, **extra: object) -> list[str
     """A tiny run: 64x64 crops, 3-frame clips, a dataloader worker per rank, a line per step."""
     base = {
         "data.train": f"[{index}]", "data.short_side": "[64,72]", "data.crop": 64, "data.clip_len": 3,
-        "data.shuffle_buffer": 16, "data.num_workers": 1, "data.videos_per_epoch": len(VIDEO_FRAMES),
+        "data.num_workers": 1, "data.videos_per_epoch": len(VIDEO_FRAMES),
         "optim.lr": 1e-3, "schedule.total_steps": steps, "schedule.lr_step": 0, "train.batch_size": batch,
         "log.every": 1, "log.progress": "false", "train.checkpoint_every": steps,
     }
@@ -248,7 +248,7 @@ def _loss_at(cfg: Config, weights: dict[str, torch.Tensor], step: int) -> float:
     loader = build_train_loader(
         d.train, batch_size=cfg.train.batch_size, clip_len=d.clip_len, frame_gap=d.frame_gap,
         short_side=(d.short_side[0], d.short_side[-1]), crop=d.crop, crop_mode=d.crop_mode, hflip=d.hflip,
-        shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, seed=cfg.train.seed, rank=0, world_size=1,
+        num_workers=d.num_workers, seed=cfg.train.seed, rank=0, world_size=1,
         steps_per_epoch=steps_per_epoch(cfg), start_step=step, weights=d.weights)
     batch = next(iter(loader))
     assert batch["step"] == step

@@ -82,7 +82,7 @@ def bench_baseline(clips: list[list[Path]], n: int) -> float:
 
 def bench_stream(shards: Path, n: int, workers: int, batch: int = 16) -> float:
     loader = build_train_loader(str(shards / "index.json"), batch_size=batch, clip_len=T, frame_gap=2,
-                                short_side=SHORT, crop=CROP, num_workers=workers, shuffle_buffer=64)
+                                short_side=SHORT, crop=CROP, num_workers=workers)
     it = iter(loader)
     next(it)  # start-up (worker start, buffer fill) is not throughput
     start = time.perf_counter()

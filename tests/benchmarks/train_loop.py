@@ -94,7 +94,7 @@ def run_loop(args: argparse.Namespace, index: Path, run_dir: Path) -> list[dict]
         port = s.getsockname()[1]
     short = [args.crop, args.crop + args.crop // 4]
     overrides = [f"data.train=[{index}]", f"data.short_side=[{short[0]},{short[1]}]", f"data.crop={args.crop}",
-                 f"data.clip_len={args.clip_len}", f"data.num_workers={args.workers}", "data.shuffle_buffer=64",
+                 f"data.clip_len={args.clip_len}", f"data.num_workers={args.workers}",
                  "data.videos_per_epoch=30", f"train.batch_size={args.batch}", f"schedule.total_steps={args.steps}",
                  f"train.checkpoint_every={args.steps}", "log.every=1", "log.progress=false",
                  f"train.mixed_precision={args.mixed_precision}", f"train.cpu={not torch.cuda.is_available()}"]

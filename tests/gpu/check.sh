@@ -125,7 +125,7 @@ else
     # Every 2nd source frame is stored, so frame_gap=1 is the paper's gap 2.
     run_part train $((TRAIN_FOR + 90)) timeout --foreground --preserve-status -s USR1 -k 60 "$TRAIN_FOR" \
         "$PY" -m dulearn.train --config configs/ytvos.yaml --run-dir "$RUN" --resume none \
-        "data.train=[$BUNDLE/shards/index.json]" data.frame_gap=1 data.videos_per_epoch=30 data.shuffle_buffer=16 \
+        "data.train=[$BUNDLE/shards/index.json]" data.frame_gap=1 data.videos_per_epoch=30 \
         schedule.lr_step=0 train.checkpoint_every=100000 log.progress=false log.image_every=0 log.wandb=false \
         eval.davis_root=null "${TRAIN_ARGS[@]}"
 fi
