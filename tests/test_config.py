@@ -69,6 +69,11 @@ def test_unknown_key_on_command_line(shard: Path) -> None:
     assert msg.startswith("config key train.batchsize: unknown key") and "batch_size" in msg
 
 
+def test_a_removed_key_says_what_replaced_it(shard: Path) -> None:
+    msg = _error(None, [f"data.train={shard}", "data.shuffle_buffer=100"])
+    assert msg.startswith("config key data.shuffle_buffer: removed:") and "distinct videos" in msg
+
+
 def test_unknown_section(shard: Path) -> None:
     assert _error(None, ["trainer.batch_size=4"]).startswith("config key trainer.batch_size: unknown key")
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,10 +15,11 @@ from torchvision.io import encode_jpeg
 from dulearn import synthetic
 from dulearn.shard_format import (FORMAT, ClipMeta, ShardEntry, ShardFormatError, ShardIndex, check_sample,
                                   count_samples, iter_samples, open_shard_writer, read_index, sample_frames,
-                                  sample_key, shard_url, skipped_input, write_index, write_sample)
+                                  json_data_offset, member_offsets, sample_key, scan_samples, shard_url,
+                                  skipped_input, write_index, write_sample)
 
-# sha256 of _shard([b"a", b"bc", b"def"], 2) as shards/writer.py wrote it before the format had its own module
-PINNED_SHA256 = "72cd75f95967f6806d7c266354f6c3c04a782b1630f1c420b843c9e78bd883dd"
+# sha256 of _shard([b"a", b"bc", b"def"], 2) since the clip json lists its frames' sizes (frame_bytes)
+PINNED_SHA256 = "dcc55ccdb1cec387b8342ccccd9d4914f71b826f39b59e7a4d7452b729014bdd"
 
 
 def _meta(n: int, clip: int = 0, **extras) -> ClipMeta:
@@ -55,11 +57,22 @@ def test_members_headers_and_bytes_are_fixed(tmp_path, jpegs):
     assert [k for k, _ in samples] == ["v00000003_c0000", "v00000003_c0001"] == [sample_key(3, c) for c in range(2)]
     assert count_samples(str(path)) == 2 and count_samples(f"pipe:cat {path}") == 2
     meta = check_sample(samples[1][1])
-    assert meta == _meta(4, 1, label="zumba") and meta.extras == {"label": "zumba"}
+    assert meta == replace(_meta(4, 1, label="zumba"), frame_bytes=tuple(len(j) for j in jpegs))
+    assert meta.extras == {"label": "zumba"}
     assert json.loads(samples[1][1]["json"]) == {"video_id": "synth-0-0000", "dataset": "synthetic", "clip": 1,
                                                  "num_frames": 4, "frame_indices": [10, 11, 12, 13], "fps": 24.0,
-                                                 "orig_size": [48, 64], "size": [48, 64], "label": "zumba"}
+                                                 "orig_size": [48, 64], "size": [48, 64], "label": "zumba",
+                                                 "frame_bytes": [len(j) for j in jpegs]}
     assert sample_frames(samples[0][1]) == jpegs
+    # the json and frame_bytes locate every member without reading the tar's headers
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    json_member, frames = members[5], members[6:10]
+    located = member_offsets(json_member.offset, json_member.size, meta.frame_bytes)
+    assert located == [m.offset_data for m in frames] and json_data_offset(json_member.offset) == json_member.offset_data
+    scanned = scan_samples(str(path))
+    assert scanned.video == [3, 3] and scanned.offset[1] == json_member.offset and scanned.frames == [4, 4]
+    assert scanned.frame_data[1] == [(m.offset_data, m.size) for m in frames]
 
 
 def test_a_truncated_shard_yields_its_complete_samples_then_stops(tmp_path, jpegs):

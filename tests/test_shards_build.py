@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dulearn.shard_format import iter_samples
+from dulearn.shard_format import iter_samples, parse_samples, read_index, video_of_key
 from shards.build import main as build_main
 from shards.verify import verify
 from dulearn.synthetic import write_mp4
@@ -178,3 +178,35 @@ def test_help_lists_sources_and_verify(capsys):
     assert exit_info.value.code == 0
     assert all(name in text for name in ("kinetics", "trackingnet", "ytvos", "oxuva", "videos", "frames", "verify"))
     assert build_main(["nosuchsource", "/tmp", "--out", "/tmp/x"]) == 2
+
+
+def _video_order(out: Path) -> list[int]:
+    """The build's video index of each clip, in shard order (the dealing order)."""
+    order = []
+    for entry in read_index(out / "index.json").shards:
+        for key, _ in iter_samples(str(out / entry.name)):
+            video = video_of_key(key)
+            if not order or order[-1] != video:
+                order.append(video)
+    return order
+
+
+def test_videos_are_dealt_in_a_seeded_order(tmp_path):
+    """A seeded permutation of the source, recorded in index.json; the same for any --workers; -1 keeps it."""
+    spec = "seed=4,videos=24,frames=6,size=32x32,objects=1"
+    opts = ["--clip-len", "6", "--min-clip-len", "6", "--shard-clips", "5"]
+    _build("synthetic", spec, tmp_path / "a", *opts, "--workers", "1")
+    _build("synthetic", spec, tmp_path / "b", *opts, "--workers", "2")
+    _build("synthetic", spec, tmp_path / "c", *opts, "--workers", "1", "--shuffle-seed", "7")
+    _build("synthetic", spec, tmp_path / "d", *opts, "--workers", "1", "--shuffle-seed", "-1")
+    a, c, d = (_video_order(tmp_path / x) for x in "acd")
+    assert sorted(a) == sorted(c) == d == list(range(24))  # every video once; -1: the source's order
+    assert a != d and a != c  # shuffled, and by the seed
+    assert read_index(tmp_path / "a" / "index.json").params["shuffle_seed"] == 0
+    assert read_index(tmp_path / "c" / "index.json").params["shuffle_seed"] == 7
+    for name in sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_file()):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert verify(tmp_path / "a") == []
+    samples = parse_samples((tmp_path / "a" / "samples.json").read_bytes(), "samples.json")
+    first = read_index(tmp_path / "a" / "index.json").shards[0].name
+    assert samples[first].video[:1] == a[:1] and len(samples[first].video) == 5
