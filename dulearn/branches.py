@@ -1,4 +1,4 @@
-"""One training step's forward: the two branches of the paper and the loss (DESIGN.md sections 3-4).
+"""One training step's forward: the two branches of the paper and the loss (docs/method.md, Views and alignment, Loss).
 
 The main branch runs with grad on the T main frames plus the transformed reference frame
 (one pass, B*(T+1) images); the regularising branch runs on the other T-1 transformed

@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """The dense loss (DESIGN.md section 4) and the view sampling."""
+    """The dense loss (docs/method.md, Loss) and the view sampling."""
 
     grid: int = 8
     cv_grid: int = 4

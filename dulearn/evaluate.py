@@ -1,4 +1,4 @@
-"""Semi-supervised VOS evaluation: features -> label propagation -> masks -> J&F (DESIGN.md 5, 6).
+"""Semi-supervised VOS evaluation: features -> label propagation -> masks -> J&F (docs/method.md, Label propagation, Metrics).
 
 CLI (`python -m dulearn.evaluate --help`): a checkpoint (dulearn's own or the original
 release's `.pth`; none = random init), DAVIS-2017 (`--davis ROOT`) or YouTube-VOS

@@ -1,4 +1,4 @@
-"""The paper's loss: L_ST (pseudo labels across views and time) + lambda * L_CV (DESIGN.md section 4).
+"""The paper's loss: L_ST (pseudo labels across views and time) + lambda * L_CV (docs/method.md, Loss).
 
 Anchors and cross-view samples are gathered from every rank with an autograd-aware
 all-gather (its backward sums the gradients), and each rank scores only its own rows with

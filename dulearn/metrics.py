@@ -1,4 +1,4 @@
-"""DAVIS-2017 semi-supervised metrics (DESIGN.md section 6), as the official evaluator computes them.
+"""DAVIS-2017 semi-supervised metrics (docs/method.md, Metrics), as the official evaluator computes them.
 
 J (region IoU) and F (boundary F-measure) per object and frame, then per object the mean,
 recall and decay, and dataset means over objects. Vectorised over objects and frames in

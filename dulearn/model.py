@@ -1,6 +1,6 @@
 """The feature network: ResNet-18 at output stride 8 (or 4) with a projection head.
 
-DESIGN.md section 2. The forward pass returns the L2-normalised `res3`, `res4` and `key`
+See docs/method.md, Model. The forward pass returns the L2-normalised `res3`, `res4` and `key`
 maps; training uses `key`, evaluation `res4` (or any of the three).
 """
 

@@ -138,7 +138,7 @@ def _paint(frame: torch.Tensor, labels: torch.Tensor, colours: torch.Tensor, alp
 
 
 def anchor_points(h: int, w: int, grid: int, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of one clip's grid x grid anchors (DESIGN.md section 4 step 1)."""
+    """Row and column indices of one clip's grid x grid anchors (docs/method.md, Loss, step 1)."""
     cy, cx = h // grid, w // grid
     ys = torch.arange(grid) * cy + int(offset[0])  # [N]
     xs = torch.arange(grid) * cx + int(offset[1])  # [N]

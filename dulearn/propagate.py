@@ -1,4 +1,4 @@
-"""Label propagation for semi-supervised video object segmentation (DESIGN.md section 5).
+"""Label propagation for semi-supervised video object segmentation (docs/method.md, Label propagation).
 
 For every frame t the context is the start frame plus the previous `context` frames
 (clamped at the start, so early frames repeat it), with their soft labels. The affinities

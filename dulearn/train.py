@@ -296,11 +296,11 @@ class Trainer:
                            step_s=time.perf_counter() - t0, lr=lr)
                 stop = distributed.any_rank(_checkpoint_requested.is_set(), self.host_group)
                 monitor.step(cfg.train.batch_size * window.steps / max(window.step_time_s, 1e-12))
+                due = [hook for hook in hooks if self.step % hook.every == 0]  # the same on every rank
                 extra: dict[str, Any] = {}
-                for hook in hooks:
-                    if self.step % hook.every == 0:
-                        extra.update(hook.run(frames, out))
-                if stop or extra or self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
+                for hook in due:
+                    extra.update(hook.run(frames, out))
+                if stop or due or self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
                     metrics, longest_run = window.summary(self.nonfinite, cfg.train.batch_size,
                                                           self.step / steps_per_epoch(cfg))
                     monitor.log(self.step, {**metrics, **extra})

@@ -1,4 +1,4 @@
-"""The two views of a clip, made on the device from one `theta` per clip (DESIGN.md section 3).
+"""The two views of a clip, made on the device from one `theta` per clip (docs/method.md, Views and alignment).
 
 `theta` [B,2,3] follows `F.affine_grid` (align_corners=False): it maps normalised
 coordinates of the transformed view to those of the main view. For a zoom-in crop of scale

@@ -1,7 +1,7 @@
 """A real two-node SLURM cluster on this machine for tests: munged, slurmctld and two slurmd.
 
 Installs nothing: it uses Debian's slurm-wlm and munge where present (CI installs them; see
-../shared/SLURM.md for the recipe) and skips with the reason otherwise. Everything lives in a
+.ci/run for the packages) and skips with the reason otherwise. Everything lives in a
 temporary folder (config, state, spool, logs, munge key and socket) except the /etc/hosts
 entries for the node names, which it adds (as root) when they do not resolve yet and removes
 at the end. A `sacct` stand-in on PATH answers submitit's state polls from `scontrol`, since

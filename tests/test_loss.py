@@ -1,4 +1,4 @@
-"""The loss of DESIGN.md section 4: golden figures of the original, diagnostics, bf16, any h x w."""
+"""The loss of docs/method.md, Loss: golden figures of the original, diagnostics, bf16, any h x w."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The feature network of DESIGN.md section 2: shapes, strides, unit norms, original-checkpoint import."""
+"""The feature network of docs/method.md, Model: shapes, strides, unit norms, original-checkpoint import."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Views: theta convention of DESIGN.md section 3, exact flips/identity, alignment commutes."""
+"""Views: theta convention of docs/method.md (Views and alignment), exact flips/identity, alignment commutes."""
 
 from __future__ import annotations
 
