@@ -38,6 +38,7 @@ import math
 import os
 import random
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -61,6 +62,7 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 __all__ = ["build_train_loader", "TrainStream", "resolve_source", "load_source", "sample_frame_ids"]
 
 FILL_TRIES = 64  # videos tried for a batch whose clips are all corrupt
+READ_THREADS = 8  # concurrent remote clip reads per DataLoader worker
 
 
 # ----------------------------------------------------------------------------- sources
@@ -313,6 +315,7 @@ class _StepDataset(IterableDataset):
 
     def __init__(self, stream: "TrainStream"):
         self.s = stream
+        self.pool: ThreadPoolExecutor | None = None  # made in the worker process, for remote reads
 
     def __iter__(self) -> Iterator[dict]:
         s = self.s
@@ -331,8 +334,7 @@ class _StepDataset(IterableDataset):
         draws = sampler.global_batch(step)[s.rank * s.batch_size:(s.rank + 1) * s.batch_size]
         frames = torch.empty(len(draws), aug.clip_len, 3, *aug.crop, dtype=torch.uint8)  # [B,T,3,H,W]
         clips, decoded = [], 0
-        for i, d in enumerate(draws):
-            clip, nbytes = read_clip(s.tables[d.source], d, aug, s.seed)
+        for i, (d, (clip, nbytes)) in enumerate(zip(draws, self._read_all(draws))):
             ok = clip is not None and decode_clip(clip, aug, frames[i])
             clips.append(clip if ok else None)
             decoded += nbytes if ok else 0
@@ -348,6 +350,16 @@ class _StepDataset(IterableDataset):
         return {"frames": frames, "skipped": skipped, "step": step, "clips": [c.name for c in clips],
                 "repeated": sampler.repeats(step), "read_bytes": storage.STATS.bytes - before[0],
                 "read_requests": storage.STATS.requests - before[1], "frame_bytes": decoded}
+
+    def _read_all(self, draws: list[Draw]) -> Iterator[tuple[_Clip | None, int]]:
+        """read_clip of every draw: remote ones on READ_THREADS threads (requests wait on the network)."""
+        s = self.s
+        read = [lambda d=d: read_clip(s.tables[d.source], d, s.aug, s.seed) for d in draws]
+        if all(storage.is_local(s.tables[d.source].urls[0]) for d in draws):
+            return (r() for r in read)
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(READ_THREADS)
+        return self.pool.map(lambda r: r(), read)
 
     def _fill(self, step: int, out: torch.Tensor) -> tuple[_Clip, int]:
         """A clip for a batch whose clips are all corrupt: other videos, seeded by the step."""

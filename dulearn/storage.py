@@ -14,6 +14,7 @@ read past the range (which is what the read amplification target forbids).
 from __future__ import annotations
 
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,9 +22,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
-__all__ = ["StorageError", "ReadStats", "read_ranges", "read_all", "exists", "merge_gap", "RETRIES"]
+__all__ = ["StorageError", "ReadStats", "read_ranges", "read_all", "exists", "merge_gap", "is_local", "RETRIES"]
 
 RETRIES = 4  # attempts of a remote read before it is an error
+TIMEOUT_S = 10  # per request: RETRIES attempts of a hung server end well within a minute
 BACKOFF_S = 0.5  # first wait between attempts; doubles after each
 LOCAL_GAP = 1024  # merge local ranges closer than this (a tar header between two frames)
 REMOTE_GAP = 16 * 1024  # merge remote ranges closer than this (a request costs more than 16 KiB)
@@ -52,6 +54,7 @@ class ReadStats:
 
 
 STATS = ReadStats()
+_lock = threading.RLock()  # the stream reads a batch's clips from several threads
 _files: OrderedDict[str, int] = OrderedDict()
 _s3 = {"pid": None, "client": None}
 
@@ -66,29 +69,35 @@ def merge_gap(url: str) -> int:
     return LOCAL_GAP if _scheme(url) == "file" else REMOTE_GAP
 
 
+def is_local(url: str) -> bool:
+    return _scheme(url) == "file"
+
+
 # ----------------------------------------------------------------------------- backends
 
 
 def _fd(path: str) -> int:
     """A cached read-only descriptor of a local file (least recently used ones are closed)."""
-    if path in _files:
-        _files.move_to_end(path)
-        return _files[path]
-    fd = os.open(path, os.O_RDONLY)
-    _files[path] = fd
-    if len(_files) > _OPEN_FILES:
-        os.close(_files.popitem(last=False)[1])
-    return fd
+    with _lock:
+        if path in _files:
+            _files.move_to_end(path)
+            return _files[path]
+        fd = os.open(path, os.O_RDONLY)
+        _files[path] = fd
+        if len(_files) > _OPEN_FILES:
+            os.close(_files.popitem(last=False)[1])
+        return fd
 
 
 def _read_local(path: str, start: int, size: int) -> bytes:
-    return os.pread(_fd(path), size, start)
+    with _lock:  # no other thread may evict (close) the descriptor mid-read; local reads are short
+        return os.pread(_fd(path), size, start)
 
 
 def _read_http(url: str, start: int, size: int) -> bytes:
     """``size`` bytes at ``start``; a server that ignores Range (200) is read up to the range's end."""
     request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{start + size - 1}"})
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
         if response.status == 206:
             return response.read(size)
         response.read(start) if start else None  # no range support: skip to the start
@@ -102,7 +111,12 @@ def _s3_client():
             import boto3
         except ImportError:
             raise StorageError("s3:// shards need boto3: pip install 'dulearn[s3]'") from None
-        _s3.update(pid=os.getpid(), client=boto3.client("s3"))
+        from botocore.config import Config
+
+        # our own retries (_with_retries) and short timeouts: a dead endpoint is an error within a minute
+        config = Config(connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S, retries={"max_attempts": 1},
+                        max_pool_connections=32)
+        _s3.update(pid=os.getpid(), client=boto3.client("s3", config=config))
     return _s3["client"]
 
 
@@ -125,7 +139,7 @@ def _read_whole(url: str) -> bytes:
     if scheme == "s3":
         bucket, key = _bucket_key(url)
         return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    with urllib.request.urlopen(url, timeout=60) as response:
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
         return response.read()
 
 
@@ -212,8 +226,9 @@ def read_ranges(url: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
     out: list[bytes] = [b""] * len(ranges)
     for start, end, members in _merged(ranges, merge_gap(url)):
         data = _with_retries(url, lambda: backend(url, start, end - start))
-        STATS.bytes += len(data)
-        STATS.requests += 1
+        with _lock:
+            STATS.bytes += len(data)
+            STATS.requests += 1
         for i in members:
             offset, size = ranges[i]
             out[i] = data[offset - start: offset - start + size]
@@ -225,8 +240,9 @@ def read_all(url: str) -> bytes:
     if _scheme(url) not in _BACKENDS:
         raise StorageError(f"cannot read {url}: only local paths, http(s):// and s3:// are supported")
     data = _with_retries(url, lambda: _read_whole(url))
-    STATS.bytes += len(data)
-    STATS.requests += 1
+    with _lock:
+        STATS.bytes += len(data)
+        STATS.requests += 1
     return data
 
 

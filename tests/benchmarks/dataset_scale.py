@@ -18,6 +18,7 @@ import argparse
 import inspect
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frame-gap", type=int, default=2, help="2: the ytvos/oxuva/trackingnet presets, 10: kinetics")
     p.add_argument("--baseline", default="da3eae6", help="git ref of the 'before' stream")
     p.add_argument("--s3", action="store_true")
+    p.add_argument("--no-baseline", action="store_true", help="skip the before/after runs (e.g. only --s3)")
     p.add_argument("--s3-steps", type=int, default=300)
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -178,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         baseline.mkdir()
         archive = subprocess.run(["git", "archive", a.baseline], cwd=ROOT, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
-    rows = [_report(f"before ({a.baseline})", _run(a, baseline, str(shards / "index.json"), a.steps), video,
-                    frame_bytes),
-            _report("after (this checkout)", _run(a, ROOT, str(shards / "index.json"), a.steps), video, frame_bytes)]
+    rows = [] if a.no_baseline else [
+        _report(f"before ({a.baseline})", _run(a, baseline, str(shards / "index.json"), a.steps), video, frame_bytes),
+        _report("after (this checkout)", _run(a, ROOT, str(shards / "index.json"), a.steps), video, frame_bytes)]
     if a.s3:
         sys.path.insert(0, str(ROOT / "tests"))
         from servers import s3_env, seaweedfs, upload
 
+        shutil.rmtree(a.out / "weed", ignore_errors=True)  # a fresh store each run
         with seaweedfs(a.out / "weed") as (endpoint, _):
             prefix = upload(endpoint, shards, "scale")
             local = _run(a, ROOT, str(shards / "index.json"), a.s3_steps)
