@@ -44,8 +44,15 @@ def step_files(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (e.g. a full disk); the previous one is intact."""
+
+
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
     """Write `state` as step_<step>.pt, point `latest` at it, keep the newest `keep` step files.
+
+    Older files are removed only after the new one and `latest` are on disk; a failed write
+    raises CheckpointWriteError (one line) and leaves the previous checkpoint and `latest`.
 
     Not accelerate's save_state(total_limit=...): it rotates folders of several files, with no
     atomic single file and no `latest` pointer to fall back from.
@@ -53,8 +60,13 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Pa
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step_{int(state['step']):08d}.pt"
-    atomic_torch_save(state, path)
-    atomic_write_bytes(d / "latest", (path.name + "\n").encode())
+    try:
+        atomic_torch_save(state, path)
+        atomic_write_bytes(d / "latest", (path.name + "\n").encode())
+    except OSError as e:
+        previous = [p.name for p in step_files(run_dir) if p != path][-1:]
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint "
+                                   f"({previous[0] if previous else 'none'}) is intact") from e
     for old in step_files(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     logger.info(f"saved {path}")

@@ -10,14 +10,21 @@ TorchDistributedEnvironment). Every helper is the identity in a single process.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-TIMEOUT = timedelta(hours=2)  # collectives wait this long: the main process evaluates while the others wait
+# Collectives wait this long. Long enough for rank 0 to write a checkpoint or a rank to finish
+# its share of an evaluation while the others wait; short enough that a hang is an error.
+TIMEOUT = timedelta(minutes=10)
+HEARTBEAT_S = 2.0  # each rank bumps its counter in the rendezvous store this often
+STALE_S = 15.0  # a peer whose counter has not moved for this long is gone
 
 
 def is_distributed() -> bool:
@@ -94,17 +101,22 @@ def host_group() -> dist.ProcessGroup | None:
     return dist.new_group(backend="gloo", timeout=TIMEOUT)
 
 
+def max_rank(code: int, group: dist.ProcessGroup | None) -> int:
+    """The largest of every rank's small int `code` (e.g. 0 go, 1 checkpoint, 2 stop): one host all-reduce."""
+    if group is None:
+        return code
+    t = torch.tensor([code], dtype=torch.int32)  # [1] on the CPU: the GPU stream is not involved
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t[0])
+
+
 def any_rank(flag: bool, group: dist.ProcessGroup | None) -> bool:
-    """True on every rank iff `flag` is true on any: one int all-reduced on the host group.
+    """True on every rank iff `flag` is true on any (max_rank of 0/1).
 
     Not accelerate's set_trigger/check_trigger: they reduce a device tensor and read it with
     .item(), which waits for the device on every call.
     """
-    if group is None:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)  # [1] on the CPU: the GPU stream is not involved
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t[0])
+    return bool(max_rank(int(flag), group))
 
 
 def export_slurm_env() -> Any:
@@ -118,3 +130,67 @@ def export_slurm_env() -> Any:
     from submitit.helpers import TorchDistributedEnvironment
 
     return TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+class PeerLost(RuntimeError):
+    """Another rank died or stopped responding; the message names it."""
+
+
+class Heartbeat:
+    """Liveness of every rank through the rendezvous store, to name a rank that died.
+
+    A daemon thread bumps this rank's counter every HEARTBEAT_S and notes when it last saw
+    each peer's counter move (local clocks only, so hosts need not agree on the time). When
+    a collective fails, `dead()` waits until some peer has been still for STALE_S and names
+    it. A store that cannot be reached means its host (rank 0, or the launcher's agent) is gone.
+    """
+
+    def __init__(self) -> None:
+        self.rank, self.world = rank(), world_size()
+        self.store = dist.distributed_c10d._get_default_store()
+        self.seen = {r: (-1, time.monotonic()) for r in range(self.world) if r != self.rank}
+        self.store_error: str | None = None
+        self.beats = 0
+        threading.Thread(target=self._run, name="dulearn-heartbeat", daemon=True).start()
+
+    def _key(self, r: int) -> str:
+        return f"dulearn/heartbeat/{r}"
+
+    def _run(self) -> None:
+        while self.store_error is None:
+            try:
+                self.beats += 1
+                self.store.set(self._key(self.rank), str(self.beats))
+                peers = [r for r in self.seen if self.store.check([self._key(r)])]
+                for r, value in zip(peers, self.store.multi_get([self._key(r) for r in peers]) if peers else []):
+                    if int(value) != self.seen[r][0]:
+                        self.seen[r] = (int(value), time.monotonic())
+            except Exception as e:  # noqa: BLE001 (the store's host is gone: reported by dead())
+                self.store_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            time.sleep(HEARTBEAT_S)
+
+    def dead(self, wait_s: float = STALE_S + 2 * HEARTBEAT_S) -> str:
+        """A one-line account of which rank is gone, waiting up to `wait_s` for the evidence."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            now = time.monotonic()
+            stale = sorted(r for r, (_, at) in self.seen.items() if now - at > STALE_S)
+            if stale:
+                ages = ", ".join(f"rank {r} ({now - self.seen[r][1]:.0f} s)" for r in stale)
+                return f"lost {ages} without a heartbeat: it died or hangs"
+            if self.store_error is not None:
+                return f"lost the rendezvous store ({self.store_error}): its host, rank 0 or the launcher, died"
+            if now > deadline:
+                return "a collective failed but every rank still beats (a network fault?)"
+            time.sleep(0.5)
+
+
+def start_heartbeat() -> Heartbeat | None:
+    """A Heartbeat in a process group of several ranks, else None."""
+    if not is_distributed():
+        return None
+    try:
+        return Heartbeat()
+    except Exception as e:  # noqa: BLE001 (no store to use: liveness is then the launcher's job)
+        logging.getLogger(__name__).warning(f"no heartbeat (the process group has no store: {e})")
+        return None

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from dulearn import davis, metrics
 from dulearn.checkpoint import load_latest
-from dulearn.model import LAYERS, DenseNet, feat_dim_of, load_weights
+from dulearn.model import LAYERS, DenseNet, feat_dim_of, is_original_state, load_weights
 from dulearn.propagate import PropSettings, Propagator
 from dulearn.videoio import VideoSource, write_video
 from dulearn.views import normalize
@@ -331,7 +331,7 @@ def build_model(checkpoint: str | Path | None = None, *, seed: int = 0, device: 
     model_cfg = config.get("model", {}) if isinstance(config, Mapping) else {}
     feat_dim = model_cfg.get("feat_dim") or feat_dim_of(state) or 128
     model = DenseNet(feat_dim=int(feat_dim), output_stride=int(model_cfg.get("output_stride", 8)))
-    load_weights(model, state)
+    load_weights(model, state, allow_missing_head=is_original_state(state))  # an original release may lack the head
     return model.to(device).eval()
 
 

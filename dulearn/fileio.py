@@ -1,7 +1,8 @@
 """Durable file writes: temporary file, fsync, rename, fsync of the folder.
 
 Checkpoints, metrics, shards and index files go through here so that a crash leaves either
-the old file or the new one, never a partial one.
+the old file or the new one, never a partial one; a failed write (a full disk) removes its
+temporary file and raises, and the old file is untouched.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ def atomic_write_bytes(path: Path, data: bytes, tmp_suffix: str | None = None) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{tmp_suffix or f'.tmp.{os.getpid()}'}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, quota, I/O error, interrupt: the old file stays, the partial one goes
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

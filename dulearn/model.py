@@ -101,11 +101,16 @@ def is_original_state(state: Mapping[str, torch.Tensor]) -> bool:
     return any(_strip(k, "fast_net.") is not None for k in state)
 
 
-def load_weights(model: DenseNet, state: Mapping[str, torch.Tensor]) -> None:
-    """Load our own or an original-release state dict; a clear error names bad keys.
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose keys or shapes do not fit the model; the message is one line naming them."""
 
-    An original checkpoint may lack the head (evaluation only needs res4); that is allowed
-    only when every backbone key is present.
+
+def load_weights(model: DenseNet, state: Mapping[str, torch.Tensor], allow_missing_head: bool = False) -> None:
+    """Load our own or an original-release state dict exactly; CheckpointMismatch names bad keys.
+
+    ``allow_missing_head``: only for evaluation, which reads res3/res4 and may take an
+    original-release checkpoint without its projection head (then only ``head.*`` may be
+    missing). Training never allows it: a resume must not train a random head.
     """
     if is_original_state(state):
         state = convert_original_state(state)
@@ -114,9 +119,9 @@ def load_weights(model: DenseNet, state: Mapping[str, torch.Tensor]) -> None:
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)
-    head_only_missing = missing and all(k.startswith("head.") for k in missing)
+    head_only_missing = allow_missing_head and missing and all(k.startswith("head.") for k in missing)
     if unexpected or (missing and not head_only_missing):
-        raise KeyError(
+        raise CheckpointMismatch(
             "checkpoint does not match the dulearn model: "
             f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
             f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
@@ -124,7 +129,7 @@ def load_weights(model: DenseNet, state: Mapping[str, torch.Tensor]) -> None:
     shapes = [k for k in state if state[k].shape != expected[k].shape]
     if shapes:
         k = shapes[0]
-        raise ValueError(
+        raise CheckpointMismatch(
             f"checkpoint key {k} has shape {tuple(state[k].shape)}, the model expects "
             f"{tuple(expected[k].shape)} (is model.feat_dim / output_stride right?)"
         )

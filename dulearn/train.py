@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -33,10 +34,11 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from dulearn import distributed
-from dulearn.checkpoint import checkpoint_dir, load_file, load_latest, save_best, save_checkpoint
+from dulearn.checkpoint import (CheckpointWriteError, checkpoint_dir, load_file, load_latest, save_best,
+                                save_checkpoint)
 from dulearn.config import Config, ConfigError, load_config, save_config, steps_per_epoch, validate
 from dulearn.logger import setup_logging
-from dulearn.model import DenseNet, load_weights
+from dulearn.model import CheckpointMismatch, DenseNet, load_weights
 from dulearn.monitor import Monitor, new_wandb_id, visualise
 from dulearn.optim import backward_loss, build_optimizer, load_optimizer_state, lr_factor, step_unless
 from dulearn.stepstats import LossTerms, NonFinite, Window
@@ -48,6 +50,31 @@ logger = logging.getLogger("dulearn.train")  # also when run as a script (__main
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row; the last good state has been checkpointed."""
+
+
+class DataSourceError(RuntimeError):
+    """A rank's training data failed for good (a source down after retries, nothing readable);
+    every rank stopped at the same step, checkpointed."""
+
+
+GO, CHECKPOINT, DATA_FAILED = 0, 1, 2  # what the ranks agree on before each step (the largest wins)
+_QUALIFIED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: a DataLoader worker's re-raised error keeps only its original message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and _QUALIFIED.match(lines[-1]):  # "Caught X in DataLoader worker ... Traceback ..."
+        return _QUALIFIED.sub("", lines[-1])
+    return lines[0] if lines else type(error).__name__
+
+
+def next_batch(stream: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(the next batch, None) or (None, why the stream failed, in one line)."""
+    try:
+        return next(stream), None
+    except Exception as e:  # noqa: BLE001 (reported by every rank, then the run stops cleanly)
+        return None, one_line(e)
 
 
 def request_checkpoint() -> None:
@@ -204,6 +231,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.schedule))
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.host_group = distributed.host_group()  # where the ranks agree on stop requests
+        self.heartbeat = distributed.start_heartbeat()  # names a rank that died
         self.step, self.best_score = 0, -math.inf
         self.wandb_id = new_wandb_id() if cfg.log.wandb and acc.is_main_process else None
         nonfinite_total = 0
@@ -252,35 +280,48 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Checkpoint the current step (all ranks call; the main process writes)."""
+        """Checkpoint the current step (all ranks call; the main process writes; all raise if it failed)."""
         state = self._state()
         path = checkpoint_dir(self.run_dir) / f"step_{self.step:08d}.pt"
+        error = None
         if self.accelerator.is_main_process:
-            path = save_checkpoint(self.run_dir, state, self.cfg.train.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
+            try:
+                path = save_checkpoint(self.run_dir, state, self.cfg.train.keep_checkpoints)
+            except CheckpointWriteError as e:
+                error = str(e)
+                logger.error(error)
+        if distributed.any_rank(error is not None, self.host_group):  # also the barrier after the write
+            raise CheckpointWriteError(error or "rank 0 could not write the checkpoint (see its log)")
         return path
 
     def run(self) -> dict[str, Any]:
         """Train until schedule.total_steps or a stop request; return how it ended.
 
-        A step, top to bottom: schedule, data, forward, the non-finite flag (agreed by all
-        ranks on the device), backward, clip, optimiser step (skipped on the device where the
-        flag is set), metrics (accumulated on the device), stop requests (agreed on the host
-        group), periodic hooks, a metrics line at logging steps (the one host sync),
+        A step, top to bottom: schedule, data, what the ranks agree on before the step (on the
+        host group: go, checkpoint and stop on a request, or stop on a failed data source),
+        forward, the non-finite flag (agreed by all ranks on the device), backward, clip,
+        optimiser step (skipped on the device where the flag is set), metrics (accumulated on
+        the device), periodic hooks, a metrics line at logging steps (the one host sync),
         checkpoint. train.max_nonfinite is checked at logging steps (exact with log.every=1).
+        A failed collective with a rank gone (the heartbeat) ends the run with PeerLost.
         """
         cfg, acc = self.cfg, self.accelerator
         stream = iter(_build_loader(cfg, acc, self.step))
         monitor = Monitor(acc, cfg, self.run_dir, self.step, self.wandb_id)
         hooks = self._hooks(monitor)
         window = Window(self.device)
-        status, last_saved = "finished", self.step
+        status, last_saved, failure = "finished", self.step, None
         try:
             while self.step < cfg.schedule.total_steps:
                 t0 = time.perf_counter()
                 lr = self.scheduler.get_last_lr()[0]
-                batch = next(stream)
+                batch, failure = next_batch(stream)
                 wait = time.perf_counter() - t0
+                code = DATA_FAILED if failure else CHECKPOINT if _checkpoint_requested.is_set() else GO
+                code = distributed.max_rank(code, self.host_group)  # every rank stops at the same step
+                if code != GO:
+                    status, failure = "checkpoint", self._data_failure(failure) if code == DATA_FAILED else None
+                    break
                 frames = batch["frames"].to(self.device, non_blocking=True)  # [B,T,3,H,W] uint8
                 out = self._forward(frames)
                 bad = distributed.reduce((~torch.isfinite(out["loss"].detach())).float(), "max")  # [] 0/1
@@ -294,35 +335,54 @@ class Trainer:
                 self.nonfinite.add(bad)
                 window.add(LossTerms.of(out), bad, self.nonfinite, grad_norm, batch=batch, wait_s=wait,
                            step_s=time.perf_counter() - t0, lr=lr)
-                stop = distributed.any_rank(_checkpoint_requested.is_set(), self.host_group)
                 monitor.step(cfg.train.batch_size * window.steps / max(window.step_time_s, 1e-12))
                 due = [hook for hook in hooks if self.step % hook.every == 0]  # the same on every rank
                 extra: dict[str, Any] = {}
                 for hook in due:
                     extra.update(hook.run(frames, out))
-                if stop or due or self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
-                    metrics, longest_run = window.summary(self.nonfinite, cfg.train.batch_size,
-                                                          self.step / steps_per_epoch(cfg))
-                    monitor.log(self.step, {**metrics, **extra})
-                    window = Window(self.device)
-                    if longest_run >= cfg.train.max_nonfinite:
-                        self._stop_nonfinite(longest_run)
-                if stop or self.step % cfg.train.checkpoint_every == 0:
+                if due or self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
+                    window = self._log(monitor, window, extra)
+                if self.step % cfg.train.checkpoint_every == 0:
                     self.save()
                     last_saved = self.step
-                if stop:
-                    status = "checkpoint"
-                    break
+            if window.steps:  # stopped between logging steps: the rest of the window
+                window = self._log(monitor, window, {})
             if last_saved != self.step:
                 self.save()
+        except (RuntimeError, OSError) as e:
+            if self.heartbeat is None or isinstance(e, (NonFiniteLossError, CheckpointWriteError)):
+                raise
+            lost = self.heartbeat.dead()  # a failed collective: is a peer gone?
+            if lost.startswith("a collective failed but"):
+                raise
+            raise distributed.PeerLost(f"{lost}; stopping at step {self.step} (last checkpoint: step "
+                                       f"{last_saved}; the run resumes from it)") from None
         finally:
             monitor.close()
             getattr(stream, "close", lambda: None)()  # stops the DataLoader workers
         path = checkpoint_dir(self.run_dir) / f"step_{self.step:08d}.pt"
+        if failure:
+            raise DataSourceError(f"{failure}; stopped at step {self.step}, checkpoint {path}")
         logger.info(f"{status} at step {self.step}; checkpoint {path}")
         return {"status": status, "step": self.step, "checkpoint": str(path), "run_dir": str(self.run_dir),
                 "nonfinite_steps": int(self.nonfinite.total.item()),
                 "best_score": None if math.isinf(self.best_score) else self.best_score}
+
+    def _log(self, monitor: Monitor, window: Window, extra: dict[str, Any]) -> Window:
+        """A metrics line of the window (one all-reduce); stops on too many non-finite steps; a fresh window."""
+        metrics, longest_run = window.summary(self.nonfinite, self.cfg.train.batch_size,
+                                              self.step / steps_per_epoch(self.cfg))
+        monitor.log(self.step, {**metrics, **extra})
+        if longest_run >= self.cfg.train.max_nonfinite:
+            self._stop_nonfinite(longest_run)
+        return Window(self.device)
+
+    def _data_failure(self, mine: str | None) -> str:
+        """Every rank's account of the data failure (all ranks call): the first one, naming its rank."""
+        reports = distributed.gather_objects(mine)
+        r, message = next((r, m) for r, m in enumerate(reports) if m)
+        logger.error(f"rank {r}'s training data failed: {message}")
+        return f"rank {r}'s training data failed: {message}"
 
     def _forward(self, frames: torch.Tensor) -> dict[str, Any]:
         """Both branches and the dense loss of one batch, with this step's seeded randomness."""
@@ -373,24 +433,30 @@ class Trainer:
         return {}
 
     def _evaluate(self) -> dict[str, float]:
-        """DAVIS evaluation on the main process with the eval section's settings; keeps best.pt when J&F improves."""
-        from dulearn.evaluate import evaluate_davis
+        """DAVIS evaluation split across the ranks (sequences[rank::world]), per-object scores gathered.
 
-        e, metrics = self.cfg.eval, {}
-        if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.model)
-            summary = evaluate_davis(model, e.davis_root, sequences=e.sequences, layer=e.layer,
-                                     device=str(self.device), input_size=e.input_size, context=e.context,
-                                     radius=e.radius, temperature=e.temperature, topk=e.topk)  # restores train mode
-            metrics = {f"eval/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-            score = metrics.get("eval/J&F-Mean", -math.inf)
-            if score > self.best_score:
-                self.best_score = score
+        No rank waits in a collective for more than one rank's share; every rank gets the
+        same J&F (so the same best_score); the main process keeps best.pt when it improves.
+        """
+        from dulearn.evaluate import davis_videos, run as segment_videos
+        from dulearn.metrics import Scores
+
+        e, start = self.cfg.eval, time.perf_counter()
+        model = self.accelerator.unwrap_model(self.model)
+        mine = davis_videos(e.davis_root, e.sequences)[self.rank::self.world]
+        scores, _ = segment_videos(model, mine, video_format=None, layer=e.layer, device=str(self.device),
+                                   input_size=e.input_size, context=e.context, radius=e.radius,
+                                   temperature=e.temperature, topk=e.topk)  # restores train mode
+        rows = {name: row for part in distributed.gather_objects(scores.rows) for name, row in part.items()}
+        metrics = {f"eval/{k}": float(v) for k, v in Scores(rows).summary().items()}
+        metrics["eval/seconds"] = time.perf_counter() - start
+        score = metrics["eval/J&F-Mean"]
+        if score > self.best_score:
+            self.best_score = score  # the same on every rank: the same gathered scores
+            if self.accelerator.is_main_process:
                 save_best(self.run_dir, {"model": model.state_dict(), "config": self.cfg.to_dict(),
                                          "step": self.step, "score": score})
-        self.best_score = distributed.broadcast_object(self.best_score)  # part of every rank's state
-        self.accelerator.wait_for_everyone()
-        return metrics
+        return metrics if self.accelerator.is_main_process else {}
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = "auto") -> dict[str, Any]:
@@ -430,7 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:
+    except CheckpointMismatch as err:
+        print(f"error: cannot resume: {err}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, DataSourceError, CheckpointWriteError, distributed.PeerLost) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

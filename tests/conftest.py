@@ -10,6 +10,8 @@ missing ../shared fails them.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 import synthetic_data
 from dulearn import synthetic
+from runs import _env
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DULEARN_SHARED", ROOT.parent / "shared"))
@@ -111,3 +114,13 @@ def davis_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with threads(1):
         synthetic.write_davis(root, sequences=3, frames=24, size=(144, 256), seed=3, objects=(1, 1))
     return root
+
+
+@pytest.fixture(scope="session")
+def shard_index(video_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small shards (72 px short side) of the 12 synthetic videos, built once per session."""
+    out = tmp_path_factory.mktemp("train-shards")
+    cmd = [sys.executable, "shards/build.py", "videos", str(video_folder), "--out", str(out),
+           "--short-side", "72", "--clip-len", "16", "--shard-clips", "12", "--workers", "2"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=_env())
+    return out / "index.json"

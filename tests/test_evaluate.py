@@ -18,7 +18,7 @@ from PIL import Image
 
 from dulearn import davis, evaluate, metrics
 from dulearn.checkpoint import save_checkpoint
-from dulearn.model import DenseNet
+from dulearn.model import CheckpointMismatch, DenseNet
 
 SMALL = ["--input-size", "64", "--no-progress", "--device", "cpu"]  # 8x14 feature grid: fast on CPU
 SEQUENCES = ["synth-3-0000", "synth-3-0001", "synth-3-0002"]  # the davis_set fixture: 24 frames, 1 object each
@@ -141,7 +141,7 @@ def test_bad_input_is_a_clear_error(davis_set, tmp_path):
 
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"encoder.conv.weight": torch.zeros(1)}}, bad)
-    with pytest.raises(KeyError, match="encoder.conv.weight"):
+    with pytest.raises(CheckpointMismatch, match="encoder.conv.weight"):
         evaluate.build_model(bad)
     torch.save({"weights": [1, 2]}, bad)
     with pytest.raises(KeyError, match="no 'model'"):

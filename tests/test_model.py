@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dulearn.model import DenseNet, feat_dim_of, load_weights
+from dulearn.model import CheckpointMismatch, DenseNet, feat_dim_of, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,22 @@ def test_import_original_checkpoint():
     broken = dict(original)
     broken["module.fast_net.backbone.layer9.weight"] = torch.zeros(1)
     del broken["module.fast_net.backbone.layer1.0.conv1.weight"]
-    with pytest.raises(KeyError, match=r"backbone\.layer1\.0\.conv1\.weight.*backbone\.layer9\.weight"):
+    with pytest.raises(CheckpointMismatch, match=r"backbone\.layer1\.0\.conv1\.weight.*backbone\.layer9\.weight"):
         load_weights(DenseNet(feat_dim=24), broken)
-    with pytest.raises(ValueError, match="head.conv2.weight"):
+    with pytest.raises(CheckpointMismatch, match="head.conv2.weight"):
         load_weights(DenseNet(feat_dim=8), original)
+
+
+def test_a_missing_head_is_refused_unless_evaluation_imports_an_original_release():
+    torch.manual_seed(2)
+    source = DenseNet(feat_dim=24)
+    ours = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    with pytest.raises(CheckpointMismatch, match=r"missing keys \['head\.") as refused:
+        load_weights(DenseNet(feat_dim=24), ours)  # how training resumes: strict
+    assert "\n" not in str(refused.value)
+    original = {k: v for k, v in _original_layout(source.state_dict()).items() if ".emb_q." not in k}
+    target = DenseNet(feat_dim=24)
+    load_weights(target, original, allow_missing_head=True)  # evaluate's import of a release without the head
+    assert torch.equal(target.backbone.conv1.weight, source.backbone.conv1.weight)
+    with pytest.raises(CheckpointMismatch, match="head"):
+        load_weights(DenseNet(feat_dim=24), original)
