@@ -192,6 +192,12 @@ def slurm_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "cpus_per_task": args.cpus_per_task, "gpus_per_node": args.gpus_per_node or None,
         "additional_parameters": parse_extra(args.slurm_extra) or None,
         "stderr_to_stdout": False,
+        # a task that dies (SIGKILL, OOM) ends the whole step at once, not at the process-group timeout
+        "srun_args": ["--kill-on-bad-exit=1"],
+        # after a failed step: requeue the job when a task died, not when training itself gave up
+        "teardown": [f"dulearn_status=$?; [ $dulearn_status -eq 0 ] || {shlex.quote(sys.executable)} -m launch.slurm "
+                     f"requeue-failed {shlex.quote(str(Path(args.run_dir).resolve()))} --job-id $SLURM_JOB_ID "
+                     f"--tasks $SLURM_NTASKS --max-requeues {args.max_requeues}"],
     }
     if args.cpus_per_task:
         # srun (Slurm >= 22.05) does not inherit --cpus-per-task from sbatch; torch threads per task
@@ -354,8 +360,61 @@ def launch(args: argparse.Namespace) -> int:
     return 0
 
 
+# Errors after which a requeue would only fail again (the trainer's own one-line stops).
+FINAL_ERRORS = ("DataSourceError", "CheckpointWriteError", "NonFiniteLossError", "CheckpointMismatch", "ConfigError")
+
+
+def failed_tasks(run_dir: Path, job_id: str, tasks: int) -> tuple[list[int], list[str]]:
+    """(ranks that left no result: killed; the errors of those that failed), from submitit's result pickles."""
+    import pickle
+
+    killed, errors = [], []
+    for rank in range(tasks):
+        path = submitit_folder(run_dir) / f"{job_id}_{rank}_result.pkl"
+        try:
+            with open(path, "rb") as f:
+                kind, value = pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            killed.append(rank)
+            continue
+        if kind != "success":
+            errors.append(str(value))
+    return killed, errors
+
+
+def requeue_failed(argv: Sequence[str]) -> int:
+    """The job script's teardown after a failed step: requeue when a task died, within --max-requeues.
+
+    Killed tasks (no result) and lost peers are worth a restart, which resumes from the last
+    checkpoint; a trainer that stopped on its own (FINAL_ERRORS) is not.
+    """
+    p = argparse.ArgumentParser(prog="launch/slurm.py requeue-failed")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--job-id", required=True)
+    p.add_argument("--tasks", type=int, required=True)
+    p.add_argument("--max-requeues", type=int, required=True)
+    a = p.parse_args(argv)
+    killed, errors = failed_tasks(a.run_dir, a.job_id, a.tasks)
+    final = [e for e in errors if any(name in e for name in FINAL_ERRORS)]
+    requeues = sum(s["job_id"] == a.job_id for s in read_launch_log(a.run_dir)["starts"]) - 1
+    what = f"task(s) {killed} died" if killed else f"{len(errors)} task(s) failed"
+    if final and not killed:
+        print(f"dulearn: not requeuing job {a.job_id}: training stopped on its own ({final[0].strip().splitlines()[-1]})")
+        return 0
+    if requeues >= a.max_requeues:
+        print(f"dulearn: {what}; not requeuing job {a.job_id}: requeued {requeues} times (--max-requeues "
+              f"{a.max_requeues}); resubmit with the same --run-dir to continue")
+        return 0
+    print(f"dulearn: {what}; requeuing job {a.job_id} ({requeues + 1}/{a.max_requeues}): it resumes from the "
+          "latest checkpoint", flush=True)
+    return subprocess.run(["scontrol", "requeue", a.job_id], timeout=60).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry; one-line errors (exit 2) for problems found before submission."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["requeue-failed"]:
+        return requeue_failed(argv[1:])
     args = _parser().parse_intermixed_args(argv)
     try:
         return launch(args)

@@ -207,3 +207,52 @@ def test_local_two_processes(tiny_config: Path, tmp_path: Path) -> None:
         assert f"rank {rank}/2 local_rank {rank} " in (run_dir / "slurm" / f"{job_id}_{rank}_log.out").read_text()
     assert metric_steps(run_dir) == [1, 2, 3]
     assert last_checkpoint(run_dir)["data"]["world_size"] == 2
+
+
+def _task_pid(rank: int) -> int:
+    """The process of SLURM task `rank` (srun's python running submitit's task), on this machine."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"SLURM_PROCID={rank}".encode() in env and b"submitit.core._submit" in cmd:
+            return int(proc.name)
+    raise AssertionError(f"no process of task {rank}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("requeues", [0, 1])
+def test_a_killed_task_ends_the_job_and_requeue_resumes_it(slurm_cluster: SlurmCluster, tiny_config: Path,
+                                                           tmp_path: Path, requeues: int) -> None:
+    """SIGKILL of rank 1 at step 4: srun's kill-on-bad-exit ends the job within 60 s; with a requeue
+    left, the job script's teardown requeues it and it finishes with every step logged once."""
+    import signal
+    import time
+
+    run_dir, total = tmp_path / "run", 12
+    out = launch("--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--signal-delay",
+                 "60", "--max-requeues", str(requeues), "--run-dir", str(run_dir), "--config", str(tiny_config),
+                 f"schedule.total_steps={total}", "train.checkpoint_every=2", env={**slurm_cluster.env, **JOB_ENV})
+    job_id = _job_id(out)
+    metrics = run_dir / "metrics.jsonl"
+    slurm_cluster.wait("4 training steps", lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 4,
+                       timeout=180, poll=0.1)
+    os.kill(_task_pid(1), signal.SIGKILL)
+    killed = time.monotonic()
+    if requeues == 0:
+        slurm_cluster.wait(f"job {job_id} to fail", lambda: cluster_state(slurm_cluster, job_id) == "FAILED",
+                           timeout=90)
+        assert time.monotonic() - killed < 60, task_logs(run_dir)
+        return
+    wait_finished(slurm_cluster, job_id, run_dir, timeout=300)
+    log = (run_dir / "slurm" / f"{job_id}_0_log.out").read_text()
+    assert "requeues so far 1" in log and "resumed from step" in log, task_logs(run_dir)
+    assert json.loads((run_dir / "launch.json").read_text())["requeues"] == 1
+    assert metric_steps(run_dir) == list(range(1, total + 1))  # none lost, none twice
+    assert last_checkpoint(run_dir)["step"] == total
+
+
+def cluster_state(cluster: SlurmCluster, job_id: str) -> str | None:
+    return cluster.job(job_id).get("JobState")
