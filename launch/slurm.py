@@ -197,7 +197,7 @@ def slurm_parameters(args: argparse.Namespace) -> dict[str, Any]:
         # after a failed step: requeue the job when a task died, not when training itself gave up
         "teardown": [f"dulearn_status=$?; [ $dulearn_status -eq 0 ] || {shlex.quote(sys.executable)} -m launch.slurm "
                      f"requeue-failed {shlex.quote(str(Path(args.run_dir).resolve()))} --job-id $SLURM_JOB_ID "
-                     f"--tasks $SLURM_NTASKS --max-requeues {args.max_requeues}"],
+                     f"--tasks $SLURM_NTASKS --max-requeues {args.max_requeues}; exit $dulearn_status"],  # the step's status
     }
     if args.cpus_per_task:
         # srun (Slurm >= 22.05) does not inherit --cpus-per-task from sbatch; torch threads per task
