@@ -307,7 +307,7 @@ def _load_checkpoint_file(path: Path) -> Any:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         if not _is_torch_file(path):
             raise ValueError(f"{path} is not a torch checkpoint file") from None
         warnings.warn(f"{path} holds more than tensors; loading it with weights_only=False")

@@ -22,7 +22,6 @@ The shard builder packs these videos too (its `synthetic` source, in shards/sour
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
