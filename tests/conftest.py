@@ -82,22 +82,24 @@ def golden_dir() -> Path:
     return _need(GOLDEN)
 
 
+def _written(tmp_path_factory: pytest.TempPathFactory, name: str, write) -> Path:
+    """A fresh folder filled by `write(folder)` on one thread."""
+    root = tmp_path_factory.mktemp(name)
+    with threads(1):
+        write(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def frame_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tree of 5 frame folders (50, 40, 60, 50, 49 JPEG frames at 108x192)."""
-    root = tmp_path_factory.mktemp("frame-folders")
-    with threads(1):
-        synthetic_data.write_frame_folders(root)
-    return root
+    return _written(tmp_path_factory, "frame-folders", synthetic_data.write_frame_folders)
 
 
 @pytest.fixture(scope="session")
 def video_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of 12 H.264 mp4 videos (25 to 91 frames at 96x160, 24 fps)."""
-    root = tmp_path_factory.mktemp("videos")
-    with threads(1):
-        synthetic_data.write_mp4_folder(root)
-    return root
+    return _written(tmp_path_factory, "videos", synthetic_data.write_mp4_folder)
 
 
 @pytest.fixture(scope="session")

@@ -61,3 +61,13 @@ def frame_count(path: Path) -> int:
     """Frames of a video file, by decoding it."""
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
+
+
+def synthetic_shards(out: Path, spec: str, clip_len: int, shard_clips: int, *extra: str) -> Path:
+    """Shards of the builder's synthetic source (`spec`: seed=..,videos=..,frames=..,size=HxW,objects=..) in `out`."""
+    from shards.build import main as build_main
+
+    if build_main(["synthetic", spec, "--out", str(out), "--clip-len", str(clip_len), "--shard-clips",
+                   str(shard_clips), "--workers", "1", *extra]) != 0:
+        raise RuntimeError(f"synthetic shard build failed: {spec}")
+    return out

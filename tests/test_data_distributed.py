@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from dulearn.data import build_train_loader
 from dulearn.shard_format import video_of_key
-from shards.build import main as build_main
+from synthetic_data import synthetic_shards
 
 VIDEOS, PER_RANK = 40, 4  # global batch 8: an epoch is 5 steps
 STEPS = 15  # three epochs
@@ -22,10 +22,8 @@ STEPS = 15  # three epochs
 @pytest.fixture(scope="module")
 def videos40(tmp_path_factory) -> Path:
     """40 synthetic videos of 20 frames in 2 clips each, in uneven shards of 14 clips."""
-    out = tmp_path_factory.mktemp("dist") / "shards"
-    assert build_main(["synthetic", "seed=3,videos=40,frames=20,size=40x56,objects=1", "--out", str(out),
-                       "--clip-len", "10", "--shard-clips", "14", "--workers", "1"]) == 0
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("dist") / "shards", "seed=3,videos=40,frames=20,size=40x56,"
+                            "objects=1", 10, 14)
 
 
 def _rank(rank: int, rendezvous: str, index: str, workers: int, results) -> None:

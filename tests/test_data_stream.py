@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from dulearn.data import build_train_loader, sample_frame_ids
 from dulearn.shard_format import iter_samples, video_of_key
 from shards.build import main as build_main
+from synthetic_data import synthetic_shards
 from shards.verify import verify
 
 SHORT = 80
@@ -46,10 +47,8 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 @pytest.fixture(scope="module")
 def many(tmp_path_factory) -> Path:
     """40 synthetic videos of 24 frames (48x64) cut into 3 clips of 8, in shards of 20 clips."""
-    out = tmp_path_factory.mktemp("many") / "shards"
-    assert build_main(["synthetic", "seed=5,videos=40,frames=24,size=48x64,objects=1-2", "--out", str(out),
-                       "--clip-len", "8", "--shard-clips", "20", "--workers", "1"]) == 0
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("many") / "shards", "seed=5,videos=40,frames=24,size=48x64,"
+                            "objects=1-2", 8, 20)
 
 
 def _videos(shards: Path) -> dict[str, int]:

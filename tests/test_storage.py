@@ -11,7 +11,7 @@ import torch
 from dulearn import storage
 from dulearn.data import build_train_loader
 from servers import http_server, s3_env, seaweedfs, stop, upload
-from shards.build import main as build_main
+from synthetic_data import synthetic_shards
 
 KW = dict(batch_size=4, clip_len=5, frame_gap=2, short_side=40, crop=32, seed=1)
 
@@ -19,10 +19,8 @@ KW = dict(batch_size=4, clip_len=5, frame_gap=2, short_side=40, crop=32, seed=1)
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     """12 synthetic videos of 16 frames in clips of 8, shards of 8 clips, in ROOT/shards."""
-    out = tmp_path_factory.mktemp("remote") / "shards"
-    assert build_main(["synthetic", "seed=6,videos=12,frames=16,size=40x56,objects=1", "--out", str(out),
-                       "--clip-len", "8", "--shard-clips", "8", "--workers", "1"]) == 0
-    return out
+    return synthetic_shards(tmp_path_factory.mktemp("remote") / "shards", "seed=6,videos=12,frames=16,size=40x56,"
+                            "objects=1", 8, 8)
 
 
 def _take(source: str, n: int = 5, workers: int = 0) -> list[dict]:
