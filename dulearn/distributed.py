@@ -89,6 +89,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return broadcast_object_list([obj], from_process=src)[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank `src`'s buffers (BatchNorm running statistics) on every rank.
+
+    DDP broadcasts them at the start of each forward, so after a step every rank holds the
+    statistics of its own last batch; an evaluation on several ranks needs the ones a
+    checkpoint keeps (rank 0's).
+    """
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src)
+
+
 def host_group() -> dist.ProcessGroup | None:
     """A gloo group over all ranks for host-side flags: the world group where it is gloo, else a new one.
 

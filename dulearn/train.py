@@ -443,6 +443,7 @@ class Trainer:
 
         e, start = self.cfg.eval, time.perf_counter()
         model = self.accelerator.unwrap_model(self.model)
+        distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics, as checkpoints keep them
         mine = davis_videos(e.davis_root, e.sequences)[self.rank::self.world]
         scores, _ = segment_videos(model, mine, video_format=None, layer=e.layer, device=str(self.device),
                                    input_size=e.input_size, context=e.context, radius=e.radius,

@@ -199,3 +199,33 @@ def _launch_args(run_dir: Path, overrides: list[str]) -> list[str]:
 
     return [sys.executable, "dulearn/train.py", "--config", "configs/cpu.yaml", "--run-dir", str(run_dir),
             *overrides]
+
+
+# ----------------------------------------------------------------------------- evaluation across ranks
+
+
+@pytest.mark.slow
+def test_training_time_evaluation_is_split_across_ranks_and_gathered(shard_index, davis_set, tmp_path):
+    """2 ranks evaluate 3 sequences (2 + 1) at step 3, between logging steps: no hang, and the gathered
+    J&F equals one process evaluating all sequences with the same weights (best.pt of that step)."""
+    from dulearn import evaluate
+
+    run_dir = tmp_path / "run"
+    overrides = _overrides(shard_index, 4, 2, **{"eval.davis_root": str(davis_set), "eval.every": 3,
+                                                 "eval.input_size": 64, "log.every": 2, "model.channels_last": "false",
+                                                 "train.mixed_precision": "no"})
+    proc = _launch("torchrun", run_dir, overrides)
+    code, _ = _wait_exit(proc, 300)
+    assert code == 0, _log(run_dir)[-3000:]
+    line = next(m for m in _metrics(run_dir) if m["step"] == 3)
+    assert [m["step"] for m in _metrics(run_dir)] == [2, 3, 4]
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    assert best["step"] == 3
+    model = evaluate.build_model(run_dir / "checkpoints" / "best.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): the same sums, the same masks
+    try:
+        alone = evaluate.evaluate_davis(model, davis_set, input_size=64)
+    finally:
+        torch.set_num_threads(threads)
+    assert line["eval/J&F-Mean"] == pytest.approx(alone["J&F-Mean"], abs=1e-6)

@@ -44,6 +44,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     p.add_argument("--paper", action="store_true", help="B=16, T=5, 256px crops, short side [256,320]")
     p.add_argument("--shards", type=Path, help="index.json of prebuilt shards (default: build from train-videos)")
+    p.add_argument("--compare", metavar="REF", help="also run the loop of git ref REF, alternating with this "
+                   "checkout --rounds times (before vs after in one run)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=1, help="log.every of the runs (the loop syncs only there)")
     args = p.parse_args()
     if args.paper:
         args.batch, args.clip_len, args.crop = 16, 5, 256
@@ -87,8 +91,8 @@ def baseline(args: argparse.Namespace, device: torch.device) -> float:
     return sum(times[args.warmup:]) / len(times[args.warmup:])
 
 
-def run_loop(args: argparse.Namespace, index: Path, run_dir: Path) -> list[dict]:
-    """The real loop under torchrun; returns its metrics lines."""
+def run_loop(args: argparse.Namespace, index: Path, run_dir: Path, root: Path = ROOT) -> list[dict]:
+    """The real loop (of the tree `root`) under torchrun; returns its metrics lines."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -96,18 +100,46 @@ def run_loop(args: argparse.Namespace, index: Path, run_dir: Path) -> list[dict]
     overrides = [f"data.train=[{index}]", f"data.short_side=[{short[0]},{short[1]}]", f"data.crop={args.crop}",
                  f"data.clip_len={args.clip_len}", f"data.num_workers={args.workers}",
                  "data.videos_per_epoch=30", f"train.batch_size={args.batch}", f"schedule.total_steps={args.steps}",
-                 f"train.checkpoint_every={args.steps}", "log.every=1", "log.progress=false",
+                 f"train.checkpoint_every={args.steps}", f"log.every={args.log_every}", "log.progress=false",
                  f"train.mixed_precision={args.mixed_precision}", f"train.cpu={not torch.cuda.is_available()}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
            str(port), "dulearn/train.py", "--config", "configs/cpu.yaml", "--run-dir", str(run_dir), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), WANDB_MODE="offline")
-    subprocess.run(cmd, cwd=ROOT, check=True, env=env)
+    subprocess.run(cmd, cwd=root, check=True, env={**env, "PYTHONPATH": str(root)})
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_time(lines: list[dict], warmup: int, every: int) -> float:
+    """Mean step seconds of the metrics lines after the first `warmup` steps."""
+    timed = [m for m in lines if m["step"] > warmup]
+    return sum(m["step_time_s"] for m in timed) / len(timed)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """This checkout's loop vs REF's on the same shards, alternating (before, after, before, ...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        before = Path(tmp) / "before"
+        before.mkdir()
+        archive = subprocess.run(["git", "archive", args.compare], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+        index = args.shards or build_shards(Path(tmp) / "shards", args.crop + args.crop // 4)
+        times: dict[str, list[float]] = {args.compare: [], "this checkout": []}
+        for r in range(args.rounds):
+            for name, root in ((args.compare, before), ("this checkout", ROOT)):
+                lines = run_loop(args, index, Path(tmp) / f"run-{r}-{name.replace(' ', '-')}", root)
+                times[name].append(step_time(lines, args.warmup, args.log_every))
+                print(f"round {r}: {name:>14}: {times[name][-1] * 1e3:8.1f} ms/step", flush=True)
+    old, new = (sum(t) / len(t) for t in times.values())
+    print(f"{args.nproc} processes, global batch {args.batch}, T={args.clip_len}, {args.crop}px, log.every "
+          f"{args.log_every}: {args.compare} {old * 1e3:.1f} ms/step, this checkout {new * 1e3:.1f} ms/step "
+          f"({old / new:.3f}x)")
 
 
 def main() -> None:
     """Build shards, run the loop, run the baseline, print the figures."""
     args = parse_args()
+    if args.compare:
+        return compare(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         index = args.shards or build_shards(Path(tmp) / "shards", args.crop + args.crop // 4)
@@ -115,7 +147,7 @@ def main() -> None:
         with ProcessPoolExecutor(args.nproc, mp_context=mp.get_context("spawn")) as pool:
             bases = list(pool.map(baseline, [args] * args.nproc, [device] * args.nproc))
         base = sum(bases) / len(bases)
-    step = sum(m["step_time_s"] for m in lines) / len(lines)
+    step = step_time(lines, 0, args.log_every)
     wait = sum(m["data_wait_s"] for m in lines) / len(lines)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
     print(f"machine: {machine}; {args.nproc} processes, global batch {args.batch}, T={args.clip_len}, "
