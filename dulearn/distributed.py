@@ -2,8 +2,7 @@
 
 Rank and world size; the autograd-aware all-gather of the loss (torch's functional
 collective: accelerate's `gather` has no backward); reductions of device tensors that are
-enqueued, not waited for (accelerate's `reduce`); object gathers and broadcasts
-(accelerate's); a host-side flag agreed by all ranks on a CPU (gloo) group, which never
+enqueued, not waited for (accelerate's `reduce`); object gathers (accelerate's); a host-side flag agreed by all ranks on a CPU (gloo) group, which never
 touches the GPU stream; and the env:// variables of a SLURM task (submitit's
 TorchDistributedEnvironment). Every helper is the identity in a single process.
 """
@@ -80,13 +79,6 @@ def gather_objects(obj: Any) -> list[Any]:
     from accelerate.utils import gather_object
 
     return gather_object([obj])
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s picklable `obj` on every rank (accelerate's broadcast_object_list)."""
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([obj], from_process=src)[0]
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
