@@ -2,9 +2,10 @@
 
 Rank and world size; the autograd-aware all-gather of the loss (torch's functional
 collective: accelerate's `gather` has no backward); reductions of device tensors that are
-enqueued, not waited for (accelerate's `reduce`); object gathers (accelerate's); a host-side flag agreed by all ranks on a CPU (gloo) group, which never
-touches the GPU stream; and the env:// variables of a SLURM task (submitit's
-TorchDistributedEnvironment). Every helper is the identity in a single process.
+enqueued, not waited for (accelerate's `reduce`); object gathers (accelerate's); small ints
+agreed by all ranks on a CPU (gloo) group, which never touches the GPU stream; BatchNorm
+buffers from rank 0; a heartbeat that names a dead rank; and the env:// variables of a
+SLURM task (submitit's TorchDistributedEnvironment). Every helper is the identity in a single process.
 """
 
 from __future__ import annotations
