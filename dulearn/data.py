@@ -331,7 +331,8 @@ class _StepDataset(IterableDataset):
     def _batch(self, step: int, sampler: VideoSampler) -> dict:
         s, aug = self.s, self.s.aug
         before = (storage.STATS.bytes, storage.STATS.requests)
-        draws = sampler.global_batch(step)[s.rank * s.batch_size:(s.rank + 1) * s.batch_size]
+        everyone = sampler.global_batch(step)
+        draws = everyone[s.rank * s.batch_size:(s.rank + 1) * s.batch_size]
         frames = torch.empty(len(draws), aug.clip_len, 3, *aug.crop, dtype=torch.uint8)  # [B,T,3,H,W]
         clips, decoded = [], 0
         for i, (d, (clip, nbytes)) in enumerate(zip(draws, self._read_all(draws))):
@@ -348,7 +349,7 @@ class _StepDataset(IterableDataset):
             clips[i] = _Clip(random.Random(f"{s.seed}/fill/{step}/{i}"), c.jpegs, c.name)
             decode_clip(clips[i], aug, frames[i])
         return {"frames": frames, "skipped": skipped, "step": step, "clips": [c.name for c in clips],
-                "repeated": sampler.repeats(step), "read_bytes": storage.STATS.bytes - before[0],
+                "repeated": sampler.repeats(everyone), "read_bytes": storage.STATS.bytes - before[0],
                 "read_requests": storage.STATS.requests - before[1], "frame_bytes": decoded}
 
     def _read_all(self, draws: list[Draw]) -> Iterator[tuple[_Clip | None, int]]:

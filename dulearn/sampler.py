@@ -101,9 +101,9 @@ class VideoSampler:
             out.append(Draw(k, epoch * videos + i, int(video)))
         return out
 
-    def repeats(self, step: int) -> bool:
-        """Whether global step ``step`` holds some video twice (only when a source is smaller than its slice)."""
-        draws = self.global_batch(step)
+    @staticmethod
+    def repeats(draws: list[Draw]) -> bool:
+        """Whether a global batch holds some video twice (only when a source is smaller than its slice)."""
         return len({(d.source, d.video) for d in draws}) < len(draws)
 
     def epoch_steps(self) -> int:
