@@ -82,8 +82,7 @@ def _folder(url: str) -> str:
 
 def _index_shards(where: str) -> list[Shard]:
     """The shards listed by an index.json (local path or URL), names resolved against its folder."""
-    data = storage.read_all(where) if is_remote(where) else Path(where).read_bytes()
-    return [Shard(shard_url(where, s.name), s.clips) for s in parse_index(data, where).shards]
+    return [Shard(shard_url(where, s.name), s.clips) for s in parse_index(storage.read_all(where), where).shards]
 
 
 def resolve_source(source: str | os.PathLike | Sequence[str]) -> list[Shard]:
@@ -109,9 +108,12 @@ def resolve_source(source: str | os.PathLike | Sequence[str]) -> list[Shard]:
 def _samples_beside(folder: str) -> dict[str, ShardSamples] | None:
     """The samples.json of a shard folder, or None when there is none."""
     where = f"{folder}/{SAMPLES_NAME}" if is_remote(folder) else str(Path(folder) / SAMPLES_NAME)
-    if not storage.exists(where):
-        return None
-    data = storage.read_all(where) if is_remote(where) else Path(where).read_bytes()
+    try:
+        data = storage.read_all(where)
+    except storage.StorageError as e:
+        if e.missing:
+            return None
+        raise
     return parse_samples(data, where)
 
 
