@@ -5,7 +5,8 @@ collective: accelerate's `gather` has no backward); reductions of device tensors
 enqueued, not waited for (accelerate's `reduce`); object gathers (accelerate's); small ints
 agreed by all ranks on a CPU (gloo) group, which never touches the GPU stream; BatchNorm
 buffers from rank 0; a heartbeat that names a dead rank; and the env:// variables of a
-SLURM task (submitit's TorchDistributedEnvironment). Every helper is the identity in a single process.
+SLURM task (submitit's TorchDistributedEnvironment); the process group under torchrun's
+restarts. Every helper is the identity in a single process.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_process_group(cpu: bool) -> None:
+    """Start the process group under torchrun with its keys scoped to this restart attempt.
+
+    torchrun's static rendezvous (`--master-port`) keeps one store across `--max-restarts`,
+    so a restarted rank could read the previous attempt's gloo/NCCL address of a peer and
+    fail to connect; prefixing the keys with TORCHELASTIC_RESTART_COUNT keeps attempts
+    apart. Elsewhere (and when a group exists) accelerate initialises as usual.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or world_size() < 2 or dist.is_initialized():
+        return
+    store, r, world = next(dist.rendezvous("env://", timeout=TIMEOUT))
+    dist.init_process_group("gloo" if cpu else "nccl", store=dist.PrefixStore(f"dulearn/attempt_{attempt}", store),
+                            rank=r, world_size=world, timeout=TIMEOUT)
 
 
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,7 @@ def resolve_precision(setting: str, cpu: bool) -> str:
 def make_accelerator(cfg: Config) -> Accelerator:
     """Accelerator: mixed precision from the config, CPU (gloo) where there is no GPU."""
     cpu = cfg.train.cpu or not torch.cuda.is_available()
+    distributed.init_process_group(cpu)  # under torchrun: keys scoped to the restart attempt
     return Accelerator(
         mixed_precision=resolve_precision(cfg.train.mixed_precision, cpu),
         cpu=cpu,
