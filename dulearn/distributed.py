@@ -2,7 +2,7 @@
 
 Rank and world size; the autograd-aware all-gather of the loss (torch's functional
 collective: accelerate's `gather` has no backward); reductions of device tensors that are
-enqueued, not waited for (accelerate's `reduce`); object gathers (accelerate's); small ints
+enqueued, not waited for; object gathers (accelerate's); small ints
 agreed by all ranks on a CPU (gloo) group, which never touches the GPU stream; BatchNorm
 buffers from rank 0; a heartbeat that names a dead rank; and the env:// variables of a
 SLURM task (submitit's TorchDistributedEnvironment); the process group under torchrun's
@@ -85,11 +85,12 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """A reduced copy of a device tensor over all ranks (op: sum | max); enqueued, not waited for (NCCL).
 
-    Needs the Accelerator's state (it is accelerate's `reduce`).
+    torch's all_reduce, not accelerate's `reduce`: older accelerate releases summed for "max".
     """
-    from accelerate.utils import reduce as accelerate_reduce
-
-    return accelerate_reduce(t, reduction=op)
+    out = t.clone()
+    if is_distributed():
+        dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return out
 
 
 def gather_objects(obj: Any) -> list[Any]:

@@ -307,7 +307,10 @@ class Trainer:
         A failed collective with a rank gone (the heartbeat) ends the run with PeerLost.
         """
         cfg, acc = self.cfg, self.accelerator
-        stream = iter(_build_loader(cfg, acc, self.step))
+        try:
+            stream = iter(_build_loader(cfg, acc, self.step))
+        except (OSError, ValueError) as e:  # an unreachable index, a source without clips: one line, exit 1
+            raise DataSourceError(f"cannot start the training data: {one_line(e)}") from None
         monitor = Monitor(acc, cfg, self.run_dir, self.step, self.wandb_id)
         hooks = self._hooks(monitor)
         window = Window(self.device)

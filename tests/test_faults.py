@@ -17,8 +17,8 @@ import torch
 from dulearn import fileio
 from dulearn.checkpoint import CheckpointWriteError
 from loop_probe import tiny_config, tiny_shards
-from runs import _descendants, _env, _latest_step, _launch, _log, _metrics, _overrides, _wait_for
-from servers import http_server, stop
+from runs import ROOT, _descendants, _env, _latest_step, _launch, _log, _metrics, _overrides, _wait_for
+from servers import free_port, http_server, stop
 
 pytestmark = pytest.mark.timeout(400)
 DEADLINE_S = 60  # a fault ends the run on every rank within this
@@ -93,6 +93,18 @@ def test_a_source_that_dies_mid_run_stops_both_ranks_cleanly_and_resumes(shard_i
     assert _steps(run_dir) == list(range(1, 13))  # every step exactly once
 
 
+def test_a_source_unreachable_at_start_is_one_line_and_exit_1(tmp_path, capsys):
+    """Nothing listens at the index's URL: after the retries, one line naming it, exit 1 (no traceback)."""
+    from dulearn.train import main
+
+    url = f"http://127.0.0.1:{free_port()}/shards/index.json"
+    code = main(["--config", str(ROOT / "configs" / "cpu.yaml"), "--run-dir", str(tmp_path / "run"),
+                 f"data.train=[{url}]", "data.num_workers=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith(f"error: cannot start the training data: cannot read {url} after 4 "
+                                            "attempts: URLError"), err
+
+
 # ----------------------------------------------------------------------------- a dead rank
 
 
@@ -106,7 +118,7 @@ def test_a_killed_rank_ends_the_job_within_a_minute_naming_it(shard_index, tmp_p
     code, took = _wait_exit(proc, DEADLINE_S + 30)
     log = _log(run_dir)
     assert code != 0 and took < DEADLINE_S, (code, took, log[-3000:])
-    assert "rank 1" in log or "local_rank: 1" in log, log[-3000:]  # ours, or the launcher's report
+    assert "error: lost rank 1 (" in log, log[-3000:]  # the survivor names the dead rank (not only the launcher)
 
 
 @pytest.mark.slow

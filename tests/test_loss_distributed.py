@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dulearn import distributed
 from dulearn.branches import forward_branches
 from dulearn.loss import dense_loss
 from dulearn.views import sample_theta
@@ -83,7 +84,9 @@ def _worker(rank: int, port: int, batch: dict[str, torch.Tensor], out_dir: str) 
         out = _step(ddp, batch, slice(rank * half, (rank + 1) * half))
         out["loss"].backward()
         grads = {n: p.grad for n, p in model.named_parameters()}
-        result = {"loss": out["loss"].detach(), "pseudo": out["pseudo"], "grads": grads}
+        flag = torch.tensor(float(rank + 1))  # [] a per-rank scalar, reduced as the loop reduces its flags
+        result = {"loss": out["loss"].detach(), "pseudo": out["pseudo"], "grads": grads,
+                  "reduced": [distributed.reduce(flag, "max"), distributed.reduce(flag, "sum")]}
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -125,6 +128,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     loss = torch.stack([r["loss"] for r in ranks]).mean()
     torch.testing.assert_close(loss, ref["loss"].detach(), rtol=1e-5, atol=0)
     assert torch.equal(torch.cat([r["pseudo"] for r in ranks]), ref["pseudo"])
+    assert all([float(t) for t in r["reduced"]] == [2.0, 3.0] for r in ranks)  # max and sum of 1 and 2, on each rank
     for name, param in model.named_parameters():
         for r in ranks:
             torch.testing.assert_close(r["grads"][name], param.grad, rtol=1e-5, atol=1e-8, msg=name)
