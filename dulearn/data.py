@@ -4,11 +4,12 @@ Design (what makes it deterministic, resumable, DDP-safe and cheap to read):
 
 - Videos, not clips, are drawn (dulearn.sampler): every global batch (all ranks) holds
   distinct videos, walked in seeded per-epoch permutations; rank r takes slots
-  r*B .. r*B+B-1 of the global batch. Of a drawn video, one clip is chosen with probability
-  proportional to its number of valid start frames, then T frames at the frame gap from a
-  random start (as the original samples T frames of a video).
+  r*B .. r*B+B-1 of the global batch. Of a drawn video, T frames at the frame gap from a
+  random start anywhere in it (as the original samples a video): its clips are consecutive
+  parts of the video, and a window across a clip boundary reads from both.
 - Reads by byte range (dulearn.storage): a clip costs one read of its json (which lists its
-  frames' sizes), then one read of its T chosen frames (nearby members joined). Where a clip
+  frames' sizes; two across a clip boundary), then one read of its T chosen frames (nearby
+  members joined). Where a clip
   is comes from samples.json beside the shards, or from a one-time scan of their tar headers
   (older builds, bare tars). ``read_bytes``/``frame_bytes`` of every batch measure the
   read amplification.
@@ -258,15 +259,6 @@ def decode_clip(clip: _Clip, aug: _Augment, out: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- reading
 
 
-def _starts(n: int, aug: "_Augment") -> int:
-    """How many start frames sample_frame_ids can draw in a clip of n frames (0: too short)."""
-    if n < aug.clip_len:
-        return 0
-    window = min(n, aug.frame_gap * aug.clip_len)
-    gap = window // aug.clip_len
-    return n - gap * (aug.clip_len - 1)
-
-
 def _frame_locations(table: SourceTable, clip: int, url: str) -> list[tuple[int, int]] | None:
     """(data offset, size) of each frame of a clip: from the scan, or from the clip's json (one read)."""
     offset, size = int(table.offset[clip]), int(table.json_bytes[clip])
@@ -287,26 +279,39 @@ def _frame_locations(table: SourceTable, clip: int, url: str) -> list[tuple[int,
 
 
 def read_clip(table: SourceTable, draw: Draw, aug: "_Augment", seed: int) -> tuple[_Clip | None, int]:
-    """Choose a clip of the drawn video and read its T frames; (clip or None if corrupt, JPEG bytes)."""
+    """Read T frames of the drawn video; (clip or None if corrupt, JPEG bytes read).
+
+    The frames are drawn over the whole video, as the original samples a video: its clips
+    are consecutive parts of it (the builder cuts a video in order, whole into one shard),
+    so a window that crosses a clip boundary reads from both clips (one json read each).
+    """
     rng = random.Random(f"{seed}/{draw.source}/{draw.position}")
-    clips = table.video_clips[draw.video]
-    weights = [_starts(int(table.frames[c]), aug) for c in clips]
-    if not any(weights):
-        return None, 0
-    clip = int(clips[rng.choices(range(len(clips)), weights)[0]]) if len(clips) > 1 else int(clips[0])
-    url = table.urls[int(table.shard[clip])]
-    located = _frame_locations(table, clip, url)
-    if located is None:
-        return None, 0
-    first = int(table.offset[clip]) if table.offset[clip] >= 0 else located[0][0] - BLOCK if located else -1
-    name = f"{url.rsplit('/', 1)[-1]}@{first}"  # the shard and the offset of the clip's first member
-    ids = sample_frame_ids(len(located), aug.clip_len, aug.frame_gap, rng)
+    clips = [int(c) for c in table.video_clips[draw.video]]
+    counts = table.frames[clips]  # [K] frames of each clip, in video order
+    ids = sample_frame_ids(int(counts.sum()), aug.clip_len, aug.frame_gap, rng)
     if ids is None:
         return None, 0
-    jpegs = storage.read_ranges(url, [located[i] for i in ids])
-    if any(len(b) != located[i][1] for b, i in zip(jpegs, ids)):
+    first_frame = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [K] the video frame each clip starts at
+    part = np.searchsorted(first_frame, ids, side="right") - 1  # [T] the clip of each chosen frame
+    located: dict[int, list[tuple[int, int]]] = {}
+    for k in sorted(set(part.tolist())):
+        url = table.urls[int(table.shard[clips[k]])]
+        frames = _frame_locations(table, clips[k], url)
+        if frames is None or len(frames) != counts[k]:
+            return None, 0
+        located[k] = frames
+    wanted = [(int(k), located[k][i - int(first_frame[k])]) for k, i in zip(part, ids)]  # (clip, (offset, size))
+    jpegs = [b"" for _ in ids]
+    for url in {table.urls[int(table.shard[clips[k]])] for k in located}:
+        mine = [t for t, (k, _) in enumerate(wanted) if table.urls[int(table.shard[clips[k]])] == url]
+        for t, data in zip(mine, storage.read_ranges(url, [wanted[t][1] for t in mine])):
+            jpegs[t] = data
+    if any(len(b) != where[1] for b, (_, where) in zip(jpegs, wanted)):
         return None, 0  # a truncated shard
-    return _Clip(rng, jpegs, name), sum(len(b) for b in jpegs)
+    k = int(part[int(np.argmin(ids))])  # the clip of the window's first frame names the sample
+    clip, url = clips[k], table.urls[int(table.shard[clips[k]])]
+    first = int(table.offset[clip]) if table.offset[clip] >= 0 else located[k][0][0] - BLOCK if located[k] else -1
+    return _Clip(rng, jpegs, f"{url.rsplit('/', 1)[-1]}@{first}"), sum(len(b) for b in jpegs)
 
 
 # ----------------------------------------------------------------------------- stream

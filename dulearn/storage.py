@@ -100,7 +100,11 @@ def _read_http(url: str, start: int, size: int) -> bytes:
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
         if response.status == 206:
             return response.read(size)
-        response.read(start) if start else None  # no range support: skip to the start
+        skipped = 0  # no range support: read up to the start, in chunks, counted as read
+        while skipped < start and (chunk := response.read(min(1 << 20, start - skipped))):
+            skipped += len(chunk)
+        with _lock:
+            STATS.bytes += skipped
         return response.read(size)
 
 

@@ -35,7 +35,10 @@ def _equal(a: list[dict], b: list[dict]) -> bool:
 def test_http_streaming_equals_local(small):
     ref = _take(str(small / "index.json"))
     with http_server(small.parent) as (url, _):
-        assert _equal(_take(f"{url}/shards/index.json"), ref)
+        got = _take(f"{url}/shards/index.json")
+        assert _equal(got, ref)
+        # http.server ignores Range: the bytes up to each range are read too, and counted
+        assert sum(b["read_bytes"] for b in got) > 10 * sum(b["read_bytes"] for b in ref)
         assert _equal(_take(f"{url}/shards/index.json", workers=2), ref)
 
 
@@ -51,7 +54,7 @@ def test_s3_streaming_equals_local(small, tmp_path, monkeypatch):
         assert _equal(_take(f"{prefix}/index.json"), ref)
         assert _equal(_take(f"{prefix}/index.json", workers=2), ref)
         got = _take(f"{prefix}/index.json", n=3)
-        assert all(b["read_requests"] <= 2 * KW["batch_size"] for b in got)  # json + joined frames per clip
+        assert all(b["read_requests"] <= 3 * KW["batch_size"] for b in got)  # json (2 across clips) + frames per clip
 
 
 def test_read_ranges_joins_nearby_ranges_and_reads_short_past_the_end(tmp_path):

@@ -231,6 +231,7 @@ def test_one_process_resume_after_sigkill_is_bitwise(shard_index: Path, tmp_path
     a, b = _metrics(straight), _metrics(resumed)
     assert [m["step"] for m in b] == list(range(1, 13))
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert [m["repeat_video_frac"] for m in a] == [m["repeat_video_frac"] for m in b]
 
 
 def _wandb_records(run_dir: Path) -> list:
