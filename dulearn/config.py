@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from dulearn.model import EVAL_LAYER, LAYERS
 from dulearn.propagate import PropSettings
 
 
@@ -118,7 +119,7 @@ class EvalConfig:
     davis_root: str | None = None
     every: int = 0
     sequences: list[str] | None = None
-    layer: str = "res4"
+    layer: str = EVAL_LAYER
     input_size: int = 0  # short side of the evaluated frames; 0 = full resolution (480p)
     # label propagation (dulearn.propagate; its defaults are the paper's)
     context: int = PropSettings.context  # previous frames besides the first
@@ -150,7 +151,7 @@ CHOICES = {
     "optim.name": ("adam", "sgd"),
     "train.mixed_precision": ("no", "bf16", "fp16", "auto"),
     "model.output_stride": (4, 8),
-    "eval.layer": ("res3", "res4", "key"),
+    "eval.layer": LAYERS,
 }
 
 

@@ -34,7 +34,6 @@ Design (what makes it deterministic, resumable, DDP-safe and cheap to read):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -53,7 +52,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dulearn import storage
 from dulearn.sampler import Draw, VideoSampler
-from dulearn.shard_format import (BLOCK, SAMPLES_NAME, ShardSamples, is_remote,
+from dulearn.shard_format import (BLOCK, SAMPLES_NAME, ClipMeta, ShardFormatError, ShardSamples, is_remote,
                                   json_data_offset, member_offsets, parse_index, parse_samples, scan_samples,
                                   shard_url)
 
@@ -265,15 +264,14 @@ def _frame_locations(table: SourceTable, clip: int, url: str) -> list[tuple[int,
     located = table.frame_data.get(clip)
     if offset < 0:
         return located
-    data = storage.read_ranges(url, [(json_data_offset(offset), size)])[0]
     try:
-        meta = json.loads(data)
-        n, sizes = meta["num_frames"], meta.get("frame_bytes")
-    except (ValueError, KeyError, TypeError):
+        meta = ClipMeta.from_json(storage.read_ranges(url, [(json_data_offset(offset), size)])[0])
+    except ShardFormatError:
         return None
+    n, sizes = meta.num_frames, meta.frame_bytes
     if located is not None:
         return located if n == len(located) else None
-    if not isinstance(sizes, list) or len(sizes) != n:
+    if sizes is None:  # a build before frame_bytes without a scan: cannot locate the frames
         return None
     return list(zip(member_offsets(offset, size, sizes), sizes))
 

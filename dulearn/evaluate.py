@@ -32,10 +32,12 @@ from tqdm import tqdm
 
 from dulearn import davis, metrics
 from dulearn.checkpoint import load_latest
-from dulearn.model import LAYERS, DenseNet, feat_dim_of, is_original_state, load_weights
+from dulearn.model import EVAL_LAYER, LAYERS, DenseNet, feat_dim_of, is_original_state, load_weights
 from dulearn.propagate import PropSettings, Propagator
 from dulearn.videoio import VideoSource, write_video
 from dulearn.views import normalize
+
+BATCH_FRAMES = 8  # frames per forward pass of the evaluated network
 
 
 @dataclass
@@ -107,7 +109,7 @@ def _load_annotations(video: Video, size: tuple[int, int]) -> dict[int, torch.Te
 
 
 @torch.no_grad()
-def extract_features(model: DenseNet, frames: np.ndarray, *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8) -> torch.Tensor:
+def extract_features(model: DenseNet, frames: np.ndarray, *, layer: str = EVAL_LAYER, device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = BATCH_FRAMES) -> torch.Tensor:
     """uint8 frames [T,H,W,3] -> L2-normalised features [T,K,h,w] of `layer`, in batches of frames.
 
     input_size > 0 resizes so that the short side has that many pixels (the original's
@@ -134,7 +136,7 @@ def _batches(items: Iterable[np.ndarray], n: int) -> Iterator[list[np.ndarray]]:
         yield batch
 
 
-def segment_frames(model: DenseNet, frames: Iterable[np.ndarray], masks: Mapping[int, torch.Tensor], *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, settings: PropSettings = PropSettings()) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def segment_frames(model: DenseNet, frames: Iterable[np.ndarray], masks: Mapping[int, torch.Tensor], *, layer: str = EVAL_LAYER, device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = BATCH_FRAMES, settings: PropSettings = PropSettings()) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Segment a stream of uint8 frames [H,W,3] -> (frame, ids uint8 [H,W]) in order, each as soon as it is final.
 
     `masks` maps frame indices to annotations [H,W] (frame 0, then frames where new objects
@@ -153,7 +155,7 @@ def segment_frames(model: DenseNet, frames: Iterable[np.ndarray], masks: Mapping
         yield waiting.popleft(), ids
 
 
-def segment(model: DenseNet, video: Video, *, layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, progress: bool = False, **prop_kwargs) -> tuple[np.ndarray, np.ndarray]:
+def segment(model: DenseNet, video: Video, *, layer: str = EVAL_LAYER, device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = BATCH_FRAMES, progress: bool = False, **prop_kwargs) -> tuple[np.ndarray, np.ndarray]:
     """Segment one video -> (frames uint8 [T,H,W,3], predicted ids uint8 [T,H,W]); prop_kwargs are PropSettings fields."""
     frames = frame_source(video).frames()
     first = next(frames)
@@ -200,7 +202,7 @@ def write_zip(out_dir: Path) -> Path:
 # ---------------------------------------------------------------- runs
 
 
-def run(model: DenseNet, videos: Sequence[Video], *, out_dir: str | Path | None = None, video_format: str | None = "mp4", layer: str = "res4", device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = 8, progress: bool = False, **prop_kwargs) -> tuple[metrics.Scores, dict[str, float]]:
+def run(model: DenseNet, videos: Sequence[Video], *, out_dir: str | Path | None = None, video_format: str | None = "mp4", layer: str = EVAL_LAYER, device: torch.device | str = "cpu", input_size: int = 0, batch_frames: int = BATCH_FRAMES, progress: bool = False, **prop_kwargs) -> tuple[metrics.Scores, dict[str, float]]:
     """Segment, write and score videos; returns the per-object scores and the timing/summary dict."""
     was_training = model.training
     model.eval()
@@ -238,13 +240,13 @@ def evaluate_davis(
     root: str | Path,
     *,
     sequences: Sequence[str] | None = None,
-    layer: str = "res4",
+    layer: str = EVAL_LAYER,
     device: torch.device | str = "cpu",
     out_dir: str | Path | None = None,
     split: str = "val",
     resolution: str = "480p",
     input_size: int = 0,
-    batch_frames: int = 8,
+    batch_frames: int = BATCH_FRAMES,
     video_format: str | None = None,
     progress: bool = False,
     **prop_kwargs,
@@ -359,9 +361,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--sequences", default=None, help="comma-separated sequences/videos instead of the split")
     ap.add_argument("--resolution", default="480p", help="DAVIS resolution folder")
     ap.add_argument("--input-size", type=int, default=0, help="resize frames to this short side before the network (0 = as stored)")
-    ap.add_argument("--layer", default="res4", choices=LAYERS)
+    ap.add_argument("--layer", default=EVAL_LAYER, choices=LAYERS)
     add_prop_arguments(ap)
-    ap.add_argument("--batch-frames", type=int, default=8, help="frames per network forward pass")
+    ap.add_argument("--batch-frames", type=int, default=BATCH_FRAMES, help="frames per network forward pass")
     ap.add_argument("--video", default="mp4", choices=("mp4", "gif", "none"), help="overlay video per sequence")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 LAYERS = ("res3", "res4", "key")
+EVAL_LAYER = "res4"  # the map label propagation reads unless told otherwise
 
 
 class ProjectionHead(nn.Sequential):

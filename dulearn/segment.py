@@ -32,9 +32,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from dulearn import davis
-from dulearn.evaluate import add_prop_arguments, build_model, overlay, prop_settings, segment_frames
+from dulearn.evaluate import BATCH_FRAMES, add_prop_arguments, build_model, overlay, prop_settings, segment_frames
 from dulearn.fileio import atomic_write_bytes
-from dulearn.model import LAYERS, DenseNet
+from dulearn.model import EVAL_LAYER, LAYERS, DenseNet
 from dulearn.propagate import PropSettings, stream_starts
 from dulearn.videoio import VideoSource, VideoWriter, open_video
 
@@ -101,8 +101,8 @@ def load_masks(specs: Sequence[str], source: VideoSource, size: tuple[int, int])
 
 
 def segment_video(model: DenseNet, source: VideoSource, frames: Iterable[np.ndarray], masks: Mapping[int, torch.Tensor], out: Path, *,
-                  settings: PropSettings = PropSettings(), layer: str = "res4", device: str = "cpu", input_size: int = 0,
-                  batch_frames: int = 8, fps: float | None = None, progress: bool = False) -> dict:
+                  settings: PropSettings = PropSettings(), layer: str = EVAL_LAYER, device: str = "cpu", input_size: int = 0,
+                  batch_frames: int = BATCH_FRAMES, fps: float | None = None, progress: bool = False) -> dict:
     """Segment `frames` of `source` into `out`; every frame's PNG and video frames are written as soon as its mask is final."""
     start, n = time.perf_counter(), 0
     fps = fps or source.fps
@@ -137,9 +137,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--input-size", type=int, default=480,
                     help="resize frames so that the short side has this many pixels before the network (0 = as stored; "
                          "masks and videos keep the video's size; default: %(default)s)")
-    ap.add_argument("--layer", default="res4", choices=LAYERS, help="feature layer (default: res4)")
+    ap.add_argument("--layer", default=EVAL_LAYER, choices=LAYERS, help=f"feature layer (default: {EVAL_LAYER})")
     add_prop_arguments(ap)
-    ap.add_argument("--batch-frames", type=int, default=8, help="frames per network forward pass (default: 8)")
+    ap.add_argument("--batch-frames", type=int, default=BATCH_FRAMES, help=f"frames per network forward pass (default: {BATCH_FRAMES})")
     ap.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the video's; 24 for a folder)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default: cuda if there is one)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -137,3 +137,16 @@ def test_defaults_are_the_paper() -> None:
     cfg = Config()
     assert (cfg.loss.grid, cfg.loss.cv_grid, cfg.loss.tau, cfg.loss.cv_weight) == (8, 4, 0.05, 0.1)
     assert (cfg.optim.weight_decay, cfg.optim.bias_lr_mult, cfg.optim.betas) == (5e-4, 2.0, [0.5, 0.999])
+
+
+def test_eval_defaults_are_the_propagation_and_evaluation_defaults():
+    """The training-time evaluation defaults are dulearn.propagate's and dulearn.evaluate's, defined once."""
+    import inspect
+
+    from dulearn.config import EvalConfig
+    from dulearn.evaluate import evaluate_davis
+    from dulearn.propagate import PropSettings
+
+    e, p, params = EvalConfig(), PropSettings(), inspect.signature(evaluate_davis).parameters
+    assert (e.context, e.radius, e.temperature, e.topk) == (p.context, p.radius, p.temperature, p.topk)
+    assert e.layer == params["layer"].default and e.input_size == params["input_size"].default

@@ -318,11 +318,20 @@ def test_request_checkpoint_in_process(shard_index: Path, tmp_path: Path, one_th
 
 
 @pytest.mark.slow
-def test_periodic_davis_eval_keeps_best(shard_index: Path, davis_set: Path, tmp_path: Path, one_thread: None) -> None:
+def test_periodic_davis_eval_keeps_best(shard_index: Path, davis_set: Path, tmp_path: Path, one_thread: None,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """...with the eval.* settings of the config (layer and propagation), not the defaults."""
+    from dulearn import evaluate
+
+    real_run, calls = evaluate.run, []
+    monkeypatch.setattr(evaluate, "run", lambda *a, **kw: calls.append(kw) or real_run(*a, **kw))
     cfg = load_config(ROOT / "configs/cpu.yaml", _overrides(
         shard_index, 4, 2, **{"data.num_workers": 0, "eval.davis_root": davis_set, "eval.every": 3,
-                              "eval.sequences": "[synth-3-0000]", "eval.input_size": 64}))
+                              "eval.sequences": "[synth-3-0000]", "eval.input_size": 64, "eval.layer": "res3",
+                              "eval.context": 4, "eval.radius": 6, "eval.temperature": 0.1, "eval.topk": 5}))
     result = train(cfg, tmp_path / "run")
+    assert [{k: c[k] for k in ("layer", "input_size", "context", "radius", "temperature", "topk")} for c in calls] == [
+        {"layer": "res3", "input_size": 64, "context": 4, "radius": 6.0, "temperature": 0.1, "topk": 5}]
     evals = [m for m in _metrics(tmp_path / "run") if "eval/J&F-Mean" in m]
     assert [m["step"] for m in evals] == [3] and 0 < evals[0]["eval/J&F-Mean"] <= 1
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
