@@ -307,15 +307,13 @@ class Trainer:
         A failed collective with a rank gone (the heartbeat) ends the run with PeerLost.
         """
         cfg, acc = self.cfg, self.accelerator
-        try:
-            stream = iter(_build_loader(cfg, acc, self.step))
-        except (OSError, ValueError) as e:  # an unreachable index, a source without clips: one line, exit 1
-            raise DataSourceError(f"cannot start the training data: {one_line(e)}") from None
-        monitor = Monitor(acc, cfg, self.run_dir, self.step, self.wandb_id)
-        hooks = self._hooks(monitor)
-        window = Window(self.device)
         status, last_saved, failure = "finished", self.step, None
+        stream = monitor = None
         try:
+            stream = self._open_stream()
+            monitor = Monitor(acc, cfg, self.run_dir, self.step, self.wandb_id)
+            hooks = self._hooks(monitor)
+            window = Window(self.device)
             while self.step < cfg.schedule.total_steps:
                 t0 = time.perf_counter()
                 lr = self.scheduler.get_last_lr()[0]
@@ -354,7 +352,7 @@ class Trainer:
             if last_saved != self.step:
                 self.save()
         except (RuntimeError, OSError) as e:
-            if self.heartbeat is None or isinstance(e, (NonFiniteLossError, CheckpointWriteError)):
+            if self.heartbeat is None or isinstance(e, (NonFiniteLossError, CheckpointWriteError, DataSourceError)):
                 raise
             lost = self.heartbeat.dead()  # a failed collective: is a peer gone?
             if lost.startswith("a collective failed but"):
@@ -362,7 +360,8 @@ class Trainer:
             raise distributed.PeerLost(f"{lost}; stopping at step {self.step} (last checkpoint: step "
                                        f"{last_saved}; the run resumes from it)") from None
         finally:
-            monitor.close()
+            if monitor is not None:
+                monitor.close()
             getattr(stream, "close", lambda: None)()  # stops the DataLoader workers
         path = checkpoint_dir(self.run_dir) / f"step_{self.step:08d}.pt"
         if failure:
@@ -371,6 +370,13 @@ class Trainer:
         return {"status": status, "step": self.step, "checkpoint": str(path), "run_dir": str(self.run_dir),
                 "nonfinite_steps": int(self.nonfinite.total.item()),
                 "best_score": None if math.isinf(self.best_score) else self.best_score}
+
+    def _open_stream(self) -> Any:
+        """This rank's batches from the current step; a one-line DataSourceError where they cannot start."""
+        try:
+            return iter(_build_loader(self.cfg, self.accelerator, self.step))
+        except (OSError, ValueError) as e:  # an unreachable index, a source without clips: one line, exit 1
+            raise DataSourceError(f"cannot start the training data: {one_line(e)}") from None
 
     def _log(self, monitor: Monitor, window: Window, extra: dict[str, Any]) -> Window:
         """A metrics line of the window (one all-reduce); stops on too many non-finite steps; a fresh window."""
