@@ -49,6 +49,7 @@ class ModelConfig:
     output_stride: int = 8
     channels_last: bool = False
     sync_bn: bool = False
+    zero_init_residual: bool = False  # residual blocks start as the identity (no early dip; docs/method.md, Model)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from dulearn import synthetic
 from dulearn.config import Config, load_config
 from dulearn.evaluate import davis_videos, evaluate_davis
 from dulearn.logger import setup_logging
-from dulearn.model import DenseNet, load_weights
+from dulearn.model import DenseNet, load_weights, random_model
 from dulearn.shard_format import INDEX_NAME
 from dulearn.train import request_checkpoint, train
 
@@ -104,7 +104,7 @@ def make_config(a: argparse.Namespace, index: Path, device: str) -> Config:
         f"data.videos_per_epoch={videos}", f"loss.grid={min(8, a.crop // 16)}", f"loss.cv_grid={min(4, a.crop // 32)}",
         f"optim.lr={a.lr}", f"schedule.total_steps={a.steps}", f"schedule.lr_step={max(1, a.steps // 2)}",
         f"train.batch_size={a.batch_size}", f"train.seed={a.seed}", f"train.cpu={str(device == 'cpu').lower()}",
-        f"train.mixed_precision={a.precision}", "model.channels_last=true",
+        f"train.mixed_precision={a.precision}", "model.channels_last=true", "model.zero_init_residual=true",
         f"train.checkpoint_every={a.steps}", "train.keep_checkpoints=1", f"log.every={max(1, a.steps // 20)}",
         "log.image_every=0", "log.wandb=false",
     ])
@@ -132,8 +132,7 @@ def train_with_deadline(cfg: Config, run_dir: Path, minutes: float) -> dict[str,
 def networks(cfg: Config, checkpoint: Path) -> dict[str, DenseNet]:
     """{'random init': the network as training initialised it, 'trained': after training}."""
     torch.manual_seed(cfg.train.seed)  # the training loop seeds the same way before building the model
-    init = DenseNet(cfg.model.feat_dim, cfg.model.output_stride)
-    trained = DenseNet(cfg.model.feat_dim, cfg.model.output_stride)
+    init, trained = random_model(cfg.model), random_model(cfg.model)
     load_weights(trained, torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
     return {"random init": init.eval(), "trained": trained.eval()}
 

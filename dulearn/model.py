@@ -7,6 +7,7 @@ maps; training uses `key`, evaluation `res4` (or any of the three).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,15 @@ def _unstride(layer: nn.Module) -> None:
             m.stride = (1, 1)
 
 
-def _backbone(output_stride: int) -> nn.Module:
-    """Randomly initialised torchvision ResNet-18 without `fc`/`avgpool`, at the given stride."""
+def _backbone(output_stride: int, zero_init_residual: bool = False) -> nn.Module:
+    """Randomly initialised torchvision ResNet-18 without `fc`/`avgpool`, at the given stride.
+
+    zero_init_residual: the last BatchNorm of each residual block starts at gamma = 0, so
+    every block starts as the identity (docs/method.md, Model: why the CPU recipes use it).
+    """
     if output_stride not in (4, 8):
         raise ValueError(f"model.output_stride must be 4 or 8, got {output_stride}")
-    net = resnet18(weights=None)
+    net = resnet18(weights=None, zero_init_residual=zero_init_residual)
     del net.fc, net.avgpool
     stages = [net.layer3, net.layer4] + ([net.layer2] if output_stride == 4 else [])
     for stage in stages:
@@ -50,11 +55,12 @@ def _backbone(output_stride: int) -> nn.Module:
 class DenseNet(nn.Module):
     """ResNet-18 backbone + projection head; returns normalised `res3`, `res4`, `key` maps."""
 
-    def __init__(self, feat_dim: int = 128, output_stride: int = 8, channels_last: bool = False):
+    def __init__(self, feat_dim: int = 128, output_stride: int = 8, channels_last: bool = False,
+                 zero_init_residual: bool = False):
         super().__init__()
         self.feat_dim = feat_dim
         self.output_stride = output_stride
-        self.backbone = _backbone(output_stride)
+        self.backbone = _backbone(output_stride, zero_init_residual)
         self.head = ProjectionHead(512, feat_dim)
         self.channels_last = channels_last
         if channels_last:
@@ -73,6 +79,11 @@ class DenseNet(nn.Module):
         if "key" in layers:
             out["key"] = self.head(res4)  # [B,K,h,w]
         return {name: F.normalize(out[name], p=2, dim=1) for name in layers}
+
+
+def random_model(cfg: Any) -> DenseNet:
+    """A randomly initialised DenseNet as a config's `model` section (dulearn.config.ModelConfig) says."""
+    return DenseNet(cfg.feat_dim, cfg.output_stride, cfg.channels_last, cfg.zero_init_residual)
 
 
 def _strip(key: str, prefix: str) -> str | None:

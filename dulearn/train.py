@@ -38,7 +38,7 @@ from dulearn.checkpoint import (CheckpointWriteError, checkpoint_dir, load_file,
                                 save_checkpoint)
 from dulearn.config import Config, ConfigError, load_config, save_config, steps_per_epoch, validate
 from dulearn.logger import setup_logging
-from dulearn.model import CheckpointMismatch, DenseNet, load_weights
+from dulearn.model import CheckpointMismatch, load_weights, random_model
 from dulearn.monitor import Monitor, new_wandb_id, visualise
 from dulearn.optim import backward_loss, build_optimizer, load_optimizer_state, lr_factor, step_unless
 from dulearn.stepstats import LossTerms, NonFinite, Window
@@ -221,7 +221,7 @@ class Trainer:
             save_config(cfg, run_dir / "config.yaml")
         state = _resume_state(run_dir, resume)
         torch.manual_seed(cfg.train.seed)
-        model = DenseNet(cfg.model.feat_dim, cfg.model.output_stride, cfg.model.channels_last)
+        model = random_model(cfg.model)
         if state is not None:
             load_weights(model, state["model"])
         if cfg.model.sync_bn and self.world > 1:

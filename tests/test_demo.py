@@ -15,7 +15,7 @@ import torch
 
 from dulearn import davis, demo, synthetic
 from dulearn.checkpoint import save_checkpoint
-from dulearn.model import DenseNet
+from dulearn.model import random_model
 
 # The demo's recipe and budget (B=4, 128x128 crops, Adam 3e-4, bf16 where native, 600 steps)
 # without the time limit: about 15 minutes on a 2-core CPU with AVX512-BF16. Smaller budgets
@@ -50,7 +50,7 @@ def test_the_printed_segment_command_reproduces_the_demo_evaluation(tmp_path, ca
     seq = synthetic.write_davis(root, sequences=2, frames=8, size=(64, 96), seed=a.seed + demo.EVAL_SEED_OFFSET)[0]
     cfg = demo.make_config(a, tmp_path / "index.json", "cpu")
     torch.manual_seed(1)
-    net = DenseNet(cfg.model.feat_dim, cfg.model.output_stride)
+    net = random_model(cfg.model)
     ckpt = save_checkpoint(tmp_path / "run", {"model": net.state_dict(), "config": cfg.to_dict(), "step": 0}, keep=1)
     out = demo.evaluate_and_report(a, cfg, {"checkpoint": str(ckpt), "step": 0}, root, "cpu", time.perf_counter())
     printed = capsys.readouterr().out.splitlines()

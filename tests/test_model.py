@@ -83,3 +83,21 @@ def test_a_missing_head_is_refused_unless_evaluation_imports_an_original_release
     assert torch.equal(target.backbone.conv1.weight, source.backbone.conv1.weight)
     with pytest.raises(CheckpointMismatch, match="head"):
         load_weights(DenseNet(feat_dim=24), original)
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    """model.zero_init_residual: every block's last BatchNorm starts at gamma 0, so a block without a
+    downsample passes its (non-negative, post-ReLU) input through, in train and in eval mode."""
+    from dulearn.config import ModelConfig
+    from dulearn.model import random_model
+
+    torch.manual_seed(0)
+    net = random_model(ModelConfig(zero_init_residual=True))
+    plain = random_model(ModelConfig())
+    b = net.backbone
+    assert all(float(blk.bn2.weight.abs().max()) == 0 for layer in (b.layer1, b.layer2, b.layer3, b.layer4)
+               for blk in layer)
+    assert all(float(blk.bn2.weight.min()) == 1 for blk in plain.backbone.layer1)  # torchvision's default
+    x = torch.rand(2, 64, 16, 16)  # [B,C,H,W] >= 0, as after the stem's ReLU
+    for mode in (True, False):
+        assert torch.equal(b.layer1.train(mode)(x), x)

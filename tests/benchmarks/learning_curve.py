@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from dulearn import demo  # noqa: E402
 from dulearn.config import set_value  # noqa: E402
 from dulearn.evaluate import evaluate_davis  # noqa: E402
-from dulearn.model import DenseNet, load_weights  # noqa: E402
+from dulearn.model import load_weights, random_model  # noqa: E402
 from dulearn.train import train  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def curve(args: argparse.Namespace) -> dict:
     scores = {}
     for step in args.steps:
         torch.manual_seed(cfg.train.seed)  # as the loop builds its model
-        net = DenseNet(cfg.model.feat_dim, cfg.model.output_stride)
+        net = random_model(cfg.model)
         if step > 0:
             state = torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", map_location="cpu", weights_only=False)
             load_weights(net, state["model"])

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from dulearn.config import load_config  # noqa: E402
 from dulearn.demo import build_shards, default_shared  # noqa: E402
 from dulearn.evaluate import evaluate_davis  # noqa: E402
-from dulearn.model import DenseNet, load_weights  # noqa: E402
+from dulearn.model import load_weights, random_model  # noqa: E402
 from dulearn.train import train  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def evaluate_step(cfg, checkpoint: Path | None, davis: Path, a: argparse.Namespace) -> dict:
     """J&F of the network at a checkpoint (None: the random initialisation training starts from)."""
     torch.manual_seed(cfg.train.seed)
-    net = DenseNet(cfg.model.feat_dim, cfg.model.output_stride)
+    net = random_model(cfg.model)
     if checkpoint is not None:
         load_weights(net, torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
     return evaluate_davis(net.eval(), davis, sequences=a.sequences, input_size=a.eval_input_size)
