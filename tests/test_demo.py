@@ -17,30 +17,40 @@ from dulearn import davis, demo, synthetic
 from dulearn.checkpoint import save_checkpoint
 from dulearn.model import random_model
 
-# The demo's recipe and budget (B=4, 128x128 crops, Adam 3e-4, bf16 where native, 600 steps)
-# without the time limit: about 15 minutes on a 2-core CPU with AVX512-BF16. Smaller budgets
-# are still in the early dip below the random init (README, "Learning at small budgets"): at
-# 300 steps the margin was +1.7 J&F points with the earlier stream and -1.3 with the
-# distinct-video batches, i.e. within the noise of one run, so they cannot assert the direction.
-RECIPE = ["--steps", "600", "--minutes", "0", "--device", "cpu", "--workers", "1", "--loader-workers", "1"]
+# The demo's recipe (B=4, 128x128 crops, Adam 3e-4, identity-initialised residual blocks) at a
+# test's budget: 30 steps in fp32, as on a CPU without bf16 units, and 3 held-out sequences of
+# 16 frames. The margin over the random init at 30 steps was +15.2, +10.5 and +4.9 J&F points
+# on seeds 1, 2 and 3 (README, "Learning at small budgets"); the test asserts 2 points.
+RECIPE = ["--steps", "30", "--minutes", "0", "--device", "cpu", "--precision", "no", "--workers", "1",
+          "--loader-workers", "1", "--eval-sequences", "3", "--eval-frames", "16"]
+MARGIN = 0.02
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)
-def test_trained_network_beats_its_random_init_on_held_out_sequences(tmp_path, capsys):
-    out = demo.main(["--out", str(tmp_path), *RECIPE])
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_trained_network_beats_its_random_init_on_held_out_sequences(tmp_path, capsys, seed):
+    out = demo.main(["--out", str(tmp_path), "--seed", str(seed), *RECIPE])
     results, run = out["results"], out["run"]
-    assert run["status"] == "finished" and run["step"] == 600
+    assert run["status"] == "finished" and run["step"] == 30
     trained, init = results["trained"]["J&F-Mean"], results["random init"]["J&F-Mean"]
-    assert trained > init, out["report"]
+    assert trained > init + MARGIN, out["report"]
     for name in results:
         videos = sorted((tmp_path / "eval" / name.replace(" ", "-") / "videos").glob("*.mp4"))
-        assert len(videos) == 6 and all(v.stat().st_size > 0 for v in videos)
+        assert len(videos) == 3 and all(v.stat().st_size > 0 for v in videos)
     printed = capsys.readouterr().out
-    assert "random init" in printed and f"{100 * trained:.1f}" in printed
-    # a rerun with the same settings reuses data and run and reproduces the figures
-    again = demo.main(["--out", str(tmp_path), *RECIPE])
-    assert again["results"]["trained"]["J&F-Mean"] == trained
+    assert "random init" in printed and f"{100 * trained:.1f}" in printed and "note:" not in printed
+    if seed == 1:  # a rerun with the same settings reuses data and run and reproduces the figures
+        again = demo.main(["--out", str(tmp_path), "--seed", str(seed), *RECIPE])
+        assert again["results"]["trained"]["J&F-Mean"] == trained
+
+
+def test_a_time_box_that_stops_training_early_says_so():
+    assert demo.budget_warnings(200, 200) == []
+    early = demo.budget_warnings(120, 200)
+    assert len(early) == 1 and "stopped training at step 120 of 200" in early[0]
+    too_few = demo.budget_warnings(demo.MIN_STEPS - 1, 200)
+    assert len(too_few) == 2 and too_few[1].startswith("WARNING:") and "says nothing about the method" in too_few[1]
 
 
 def test_the_printed_segment_command_reproduces_the_demo_evaluation(tmp_path, capsys):
