@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -59,14 +60,18 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test with the reason; under CI fail instead (CI provides everything a test needs)."""
+    if in_ci():
+        pytest.fail(f"{reason}; CI={os.environ['CI']} requires it", pytrace=False)
+    pytest.skip(reason)
+
+
 def _need(path: Path) -> Path:
     """`path`, or skip (fail under CI) with the reason when it is absent."""
     if not path.exists():
-        reason = (f"{path} is absent (the real test data lives in ../shared beside the checkout, "
-                  "or where DULEARN_SHARED points)")
-        if in_ci():
-            pytest.fail(f"{reason}; CI={os.environ['CI']} requires it", pytrace=False)
-        pytest.skip(reason)
+        unavailable(f"{path} is absent (the real test data lives in ../shared beside the checkout, "
+                    "or where DULEARN_SHARED points)")
     return path
 
 

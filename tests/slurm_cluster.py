@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import unavailable
+
 NODES = ("dulearn-n1", "dulearn-n2")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 HOSTS_FILE = Path("/etc/hosts")
@@ -238,7 +240,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     """A two-node SLURM cluster for the whole session (skips with the reason where impossible)."""
     reason = skip_reason()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     root = Path(tempfile.mkdtemp(prefix="dulearn-slurm-"))
     try:
         with slurm_cluster_at(root) as cluster:

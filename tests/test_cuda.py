@@ -215,3 +215,17 @@ def test_training_loop_waits_for_the_device_only_at_logging_steps(precision, tmp
 
     result = run_probed(cfg, tmp_path / "run", monkeypatch, on_step)
     assert result["status"] == "finished" and checked == [2, 3, 5, 6, 7]
+
+
+def test_the_stream_pins_batches_for_the_gpu_only(tmp_path):
+    """pin_memory=True (what the loop passes on CUDA) gives page-locked batches, the CPU default does not."""
+    from dulearn.data import build_train_loader
+    from synthetic_data import synthetic_shards
+
+    index = synthetic_shards(tmp_path / "shards", "seed=1,videos=4,frames=8,size=32x32,objects=1", 8, 8) / "index.json"
+    kw = dict(batch_size=2, clip_len=3, frame_gap=1, short_side=32, crop=32, num_workers=1)
+    pinned = next(iter(build_train_loader(str(index), pin_memory=True, **kw)))["frames"]  # [B,T,3,H,W] uint8
+    assert pinned.is_pinned() and not next(iter(build_train_loader(str(index), **kw)))["frames"].is_pinned()
+    on_gpu = pinned.to(CUDA, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), pinned)
