@@ -95,9 +95,9 @@ def test_zero_init_residual_starts_every_block_as_the_identity():
     net = random_model(ModelConfig(zero_init_residual=True))
     plain = random_model(ModelConfig())
     b = net.backbone
-    assert all(float(blk.bn2.weight.abs().max()) == 0 for layer in (b.layer1, b.layer2, b.layer3, b.layer4)
+    assert all(float(blk.bn2.weight.detach().abs().max()) == 0 for layer in (b.layer1, b.layer2, b.layer3, b.layer4)
                for blk in layer)
-    assert all(float(blk.bn2.weight.min()) == 1 for blk in plain.backbone.layer1)  # torchvision's default
+    assert all(float(blk.bn2.weight.detach().min()) == 1 for blk in plain.backbone.layer1)  # torchvision's default
     x = torch.rand(2, 64, 16, 16)  # [B,C,H,W] >= 0, as after the stem's ReLU
     for mode in (True, False):
         assert torch.equal(b.layer1.train(mode)(x), x)
