@@ -174,13 +174,15 @@ class Heartbeat:
         self.seen = {r: (-1, time.monotonic()) for r in range(self.world) if r != self.rank}
         self.store_error: str | None = None
         self.beats = 0
-        threading.Thread(target=self._run, name="dulearn-heartbeat", daemon=True).start()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dulearn-heartbeat", daemon=True)
+        self._thread.start()
 
     def _key(self, r: int) -> str:
         return f"dulearn/heartbeat/{r}"
 
     def _run(self) -> None:
-        while self.store_error is None:
+        while self.store_error is None and not self._stopping.is_set():
             try:
                 self.beats += 1
                 self.store.set(self._key(self.rank), str(self.beats))
@@ -190,7 +192,16 @@ class Heartbeat:
                         self.seen[r] = (int(value), time.monotonic())
             except Exception as e:  # noqa: BLE001 (the store's host is gone: reported by dead())
                 self.store_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            time.sleep(HEARTBEAT_S)
+            self._stopping.wait(HEARTBEAT_S)
+
+    def stop(self) -> None:
+        """End the thread before the process group and its store go away.
+
+        A daemon thread still inside a store call while the interpreter shuts down aborted
+        the process ("terminate called without an active exception") after a finished run.
+        """
+        self._stopping.set()
+        self._thread.join(timeout=2 * HEARTBEAT_S)
 
     def dead(self, wait_s: float = STALE_S + 2 * HEARTBEAT_S) -> str:
         """A one-line account of which rank is gone, waiting up to `wait_s` for the evidence."""
@@ -206,6 +217,12 @@ class Heartbeat:
             if now > deadline:
                 return "a collective failed but every rank still beats (a network fault?)"
             time.sleep(0.5)
+
+
+def shutdown() -> None:
+    """Destroy the process group (and its store) while the interpreter still runs; the identity in one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def start_heartbeat() -> Heartbeat | None:

@@ -363,6 +363,8 @@ class Trainer:
             if monitor is not None:
                 monitor.close()
             getattr(stream, "close", lambda: None)()  # stops the DataLoader workers
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
         path = checkpoint_dir(self.run_dir) / f"step_{self.step:08d}.pt"
         if failure:
             raise DataSourceError(f"{failure}; stopped at step {self.step}, checkpoint {path}")
@@ -479,7 +481,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = "auto") 
     setup_logging()
     previous = _install_signal_handlers()
     try:
-        return Trainer(cfg, Path(run_dir), resume).run()
+        result = Trainer(cfg, Path(run_dir), resume).run()
+        distributed.shutdown()  # an orderly end of the group: a finished run exits 0 (no abort at exit)
+        return result
     finally:
         _checkpoint_requested.clear()
         _restore_signal_handlers(previous)
