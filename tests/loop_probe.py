@@ -9,6 +9,7 @@ what each step does to the host.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,22 @@ def run_probed(cfg: Config, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
             yield batch
 
     monkeypatch.setattr(train_module, "_build_loader", probed)
-    # accelerate keeps one state per process and refuses another precision or device: start
-    # afresh and leave none behind (the private reset is what accelerate's own tests call)
+    with fresh_accelerator():
+        try:
+            return train_module.train(cfg, run_dir, resume="none")
+        finally:
+            on_step(0)
+
+
+@contextmanager
+def fresh_accelerator() -> Iterator[None]:
+    """The body with a fresh accelerate state, none left behind.
+
+    accelerate keeps one state per process and refuses another precision or device (the
+    private reset is what accelerate's own tests call).
+    """
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        return train_module.train(cfg, run_dir, resume="none")
+        yield
     finally:
-        on_step(0)
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -16,7 +16,7 @@ import torch
 
 from dulearn import fileio
 from dulearn.checkpoint import CheckpointWriteError
-from loop_probe import tiny_config, tiny_shards
+from loop_probe import fresh_accelerator, tiny_config, tiny_shards
 from runs import ROOT, _descendants, _env, _latest_step, _launch, _log, _metrics, _overrides, _wait_for
 from servers import free_port, http_server, stop
 
@@ -98,8 +98,9 @@ def test_a_source_unreachable_at_start_is_one_line_and_exit_1(tmp_path, capsys):
     from dulearn.train import main
 
     url = f"http://127.0.0.1:{free_port()}/shards/index.json"
-    code = main(["--config", str(ROOT / "configs" / "cpu.yaml"), "--run-dir", str(tmp_path / "run"),
-                 f"data.train=[{url}]", "data.num_workers=0"])
+    with fresh_accelerator():  # cpu.yaml's precision, whatever an earlier in-process run used
+        code = main(["--config", str(ROOT / "configs" / "cpu.yaml"), "--run-dir", str(tmp_path / "run"),
+                     f"data.train=[{url}]", "data.num_workers=0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith(f"error: cannot start the training data: cannot read {url} after 4 "
                                             "attempts: URLError"), err
