@@ -291,24 +291,23 @@ def read_clip(table: SourceTable, draw: Draw, aug: "_Augment", seed: int) -> tup
         return None, 0
     first_frame = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [K] the video frame each clip starts at
     part = np.searchsorted(first_frame, ids, side="right") - 1  # [T] the clip of each chosen frame
+    url_of = {k: table.urls[int(table.shard[clips[k]])] for k in sorted(set(part.tolist()))}  # the clips read
     located: dict[int, list[tuple[int, int]]] = {}
-    for k in sorted(set(part.tolist())):
-        url = table.urls[int(table.shard[clips[k]])]
-        frames = _frame_locations(table, clips[k], url)
-        if frames is None or len(frames) != counts[k]:
+    for k, url in url_of.items():
+        located[k] = _frame_locations(table, clips[k], url) or []
+        if len(located[k]) != counts[k]:
             return None, 0
-        located[k] = frames
-    wanted = [(int(k), located[k][i - int(first_frame[k])]) for k, i in zip(part, ids)]  # (clip, (offset, size))
-    jpegs = [b"" for _ in ids]
-    for url in {table.urls[int(table.shard[clips[k]])] for k in located}:
-        mine = [t for t, (k, _) in enumerate(wanted) if table.urls[int(table.shard[clips[k]])] == url]
+    wanted = [(url_of[k], located[k][i - int(first_frame[k])]) for k, i in zip(part.tolist(), ids)]  # (url, (offset, size))
+    jpegs = [b""] * len(ids)
+    for url in set(url_of.values()):
+        mine = [t for t, (u, _) in enumerate(wanted) if u == url]
         for t, data in zip(mine, storage.read_ranges(url, [wanted[t][1] for t in mine])):
             jpegs[t] = data
     if any(len(b) != where[1] for b, (_, where) in zip(jpegs, wanted)):
         return None, 0  # a truncated shard
     k = int(part[int(np.argmin(ids))])  # the clip of the window's first frame names the sample
-    clip, url = clips[k], table.urls[int(table.shard[clips[k]])]
-    first = int(table.offset[clip]) if table.offset[clip] >= 0 else located[k][0][0] - BLOCK if located[k] else -1
+    clip, url = clips[k], url_of[k]
+    first = int(table.offset[clip]) if table.offset[clip] >= 0 else located[k][0][0] - BLOCK
     return _Clip(rng, jpegs, f"{url.rsplit('/', 1)[-1]}@{first}"), sum(len(b) for b in jpegs)
 
 
